@@ -1,0 +1,1 @@
+"""Hypervisor drivers behind the small interface in drivers.base."""

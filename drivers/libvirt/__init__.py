@@ -1,0 +1,1 @@
+"""The libvirt driver: connection, domain XML, storage, seed, consoles."""

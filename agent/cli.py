@@ -1,0 +1,88 @@
+"""The `herdsman` command: the daemon (`run`) and the tools around it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent import __version__
+from agent.spec.cattle import spec_from_document
+from agent.spec.errors import SpecError
+
+
+def _load_json(path: str) -> Any:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not JSON: {exc}") from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        spec = spec_from_document(_load_json(args.spec))
+    except SpecError as exc:
+        for error in exc.errors:
+            print(f"{args.spec}: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.spec}: valid virtualMachine {spec.name or ''} ({spec.instance_uuid})".replace("  ", " "))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from drivers.libvirt.domxml.builder import render_xml
+    from drivers.libvirt.domxml.configurators.cpu import RenderError
+    from drivers.libvirt.domxml.inputs import HostPolicy, RenderInput
+    from drivers.libvirt.host_profile import HostProfile
+    from drivers.libvirt.layout import HostLayout
+
+    try:
+        spec = spec_from_document(_load_json(args.spec))
+    except SpecError as exc:
+        for error in exc.errors:
+            print(f"{args.spec}: {error}", file=sys.stderr)
+        return 1
+    profile = HostProfile(domain_type=args.domain_type, machine=args.machine, session=args.session)
+    layout = HostLayout(state_dir=Path(args.state_dir), log_dir=Path(args.log_dir), storage_pool=args.storage_pool)
+    policy = HostPolicy(layout=layout, network=args.network, bridge=args.bridge)
+    try:
+        sys.stdout.write(render_xml(RenderInput(spec=spec, profile=profile, policy=policy)))
+    except (RenderError, ValueError) as exc:
+        print(f"{args.spec}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herdsman", description="Runs virtual machines on this host for a Cattle-style controller.")
+    parser.add_argument("--version", action="version", version=f"herdsman {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    validate = sub.add_parser("validate", help="check a virtualMachine spec (or a Cattle event); print each error with its field")
+    validate.add_argument("spec", help="JSON file, or - for standard input")
+    validate.set_defaults(func=cmd_validate)
+
+    render = sub.add_parser("render", help="print the libvirt domain XML a spec (or a Cattle event) becomes")
+    render.add_argument("spec", help="JSON file, or - for standard input")
+    render.add_argument("--domain-type", choices=("kvm", "qemu"), default="qemu")
+    render.add_argument("--machine", default="pc", help="machine type (default: pc)")
+    render.add_argument("--session", action="store_true", help="render for qemu:///session (user-mode networking)")
+    render.add_argument("--state-dir", default="/var/lib/herdsman")
+    render.add_argument("--log-dir", default="/var/log/herdsman")
+    render.add_argument("--storage-pool", default="herdsman")
+    render.add_argument("--network", default="default", help="libvirt network for networkMode managed")
+    render.add_argument("--bridge", default="br0", help="host bridge for networkMode bridge")
+    render.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

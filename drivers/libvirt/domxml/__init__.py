@@ -1,0 +1,1 @@
+"""spec → libvirt domain XML: a typed model and an ordered list of configurators."""

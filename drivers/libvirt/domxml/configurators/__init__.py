@@ -1,0 +1,1 @@
+"""One module per concern; each exposes `configure(inp, dom)` and is tested on its own."""

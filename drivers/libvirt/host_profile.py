@@ -1,0 +1,27 @@
+"""What the host offers to the domain builder, probed once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DomainType = Literal["kvm", "qemu"]
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """Facts about the hypervisor that shape a domain but are not part of a VM's spec.
+
+    Kept separate from the spec so that rendering stays a pure function: the same spec and
+    profile always give the same XML (golden tests pin a profile).
+    """
+
+    domain_type: DomainType = "qemu"
+    arch: str = "x86_64"
+    machine: str = "pc"
+    emulator: str | None = None
+    host_cpus: int | None = None
+    session: bool = False
+    libvirt_version: str = ""
+    qemu_version: str = ""
+    warnings: tuple[str, ...] = field(default=())

@@ -34,7 +34,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from drivers.libvirt.domxml.builder import render_xml
-    from drivers.libvirt.domxml.configurators.cpu import RenderError
     from drivers.libvirt.domxml.inputs import HostPolicy, RenderInput
     from drivers.libvirt.host_profile import HostProfile
     from drivers.libvirt.layout import HostLayout
@@ -50,9 +49,26 @@ def cmd_render(args: argparse.Namespace) -> int:
     policy = HostPolicy(layout=layout, network=args.network, bridge=args.bridge)
     try:
         sys.stdout.write(render_xml(RenderInput(spec=spec, profile=profile, policy=policy)))
-    except (RenderError, ValueError) as exc:
+    except ValueError as exc:  # RenderError, or a bug that still names its cause
         print(f"{args.spec}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.app import Agent
+    from agent.config import ConfigError, load_config
+    from agent.logs import configure_logging
+
+    try:
+        config = load_config(args)
+    except (ConfigError, OSError) as exc:
+        print(f"herdsman run: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.log_level)
+    asyncio.run(Agent(config).run())
     return 0
 
 
@@ -60,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herdsman", description="Runs virtual machines on this host for a Cattle-style controller.")
     parser.add_argument("--version", action="version", version=f"herdsman {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from agent.config import add_arguments
+
+    run = sub.add_parser("run", help="the agent daemon: serve a Cattle-style controller")
+    add_arguments(run)
+    run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a virtualMachine spec (or a Cattle event); print each error with its field")
     validate.add_argument("spec", help="JSON file, or - for standard input")

@@ -56,6 +56,8 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # httpx logs every request at INFO: one line per reply published would drown the agent's own.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return handler
 
 

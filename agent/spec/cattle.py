@@ -2,8 +2,9 @@
 
 Cattle keeps some instance fields as columns (`memoryMb`, `userdata`, `name`, ...) and the rest
 under `data.fields` (cattle-protocol.md §6); which one a field lives in has changed between
-versions, so both places are read, the column winning when it is set. Keys that are not fields
-of the resource (state, kind, nics, ...) are left out here: they are the controller's.
+versions, so both places are read, the column winning when it is set (except for the keys
+that name related objects in an event, see RELATION_KEYS). Keys that are not fields of the
+resource (state, kind, nics, ...) are left out here: they are the controller's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from agent.spec.vm import VirtualMachine
 SPEC_KEYS: tuple[str, ...] = tuple(
     info.alias or name for name, info in VirtualMachine.model_fields.items()
 )
+#: Keys that an event's serialised instance also uses for related objects (`ports` is a list of
+#: port records, `instanceLinks` a list of link records: `event.data.instance=...|ports|
+#: instanceLinks[targetInstance]`), so the resource's own values are only read from data.fields.
+RELATION_KEYS = frozenset({"ports", "instanceLinks"})
 
 
 def spec_from_cattle_instance(instance: Any) -> VirtualMachine:
@@ -29,7 +34,8 @@ def spec_from_cattle_instance(instance: Any) -> VirtualMachine:
         raise SpecError([FieldError("instance.data.fields", "must be an object")])
     merged: dict[str, Any] = {}
     for key in SPEC_KEYS:
-        for source in (data_fields or {}, instance):
+        sources = (data_fields or {},) if key in RELATION_KEYS else (data_fields or {}, instance)
+        for source in sources:
             if source.get(key) is not None:
                 merged[key] = source[key]
     return validate_spec(merged)

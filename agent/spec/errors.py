@@ -26,10 +26,26 @@ def _message(error: dict) -> str:
     return text
 
 
+class PathError(ValueError):
+    """A cross-field problem raised by a model validator, pinned to the field to change.
+
+    pydantic reports a model validator's error at the model itself (an empty path); this
+    carries the path of the field the user should edit, relative to that model.
+    """
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
     out = []
     for error in exc.errors(include_url=False):
-        path = ".".join(str(part) for part in error["loc"])
+        loc = [str(part) for part in error["loc"]]
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, PathError) and cause.path:
+            loc.append(cause.path)
+        path = ".".join(loc)
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
         out.append(FieldError(path=path, message=_message(error)))

@@ -128,9 +128,14 @@ class PortSpec:
     protocol: str = "tcp"
 
     def __str__(self) -> str:
-        parts = [p for p in (self.host_ip, self.host_port) if p is not None]
-        prefix = ":".join(f"[{p}]" if isinstance(p, str) and ":" in p else str(p) for p in parts)
-        return f"{prefix + ':' if prefix else ''}{self.guest_port}/{self.protocol}"
+        """Canonical text that parse_port_spec reads back to an equal PortSpec."""
+        guest = f"{self.guest_port}/{self.protocol}"
+        host_port = "" if self.host_port is None else str(self.host_port)
+        if self.host_ip is None:
+            return f"{host_port}:{guest}" if host_port else guest
+        address = f"[{self.host_ip}]" if ":" in self.host_ip else self.host_ip
+        # "127.0.0.1::80": an address with no host port keeps the empty field.
+        return f"{address}:{host_port}:{guest}"
 
 
 def _port(text: str, what: str) -> int:

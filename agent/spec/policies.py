@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.spec.base import Name, SpecModel
+from agent.spec.errors import PathError
 
 Millis = Annotated[int, Field(ge=0, le=86_400_000)]
 _REQUEST_LINE_RE = re.compile(r"^(GET|HEAD|POST|OPTIONS) (/[\x21-\x7e]*)(?: HTTP/1\.[01])?$")
@@ -56,9 +57,11 @@ class InstanceHealthCheck(SpecModel):
     def _quorum(self) -> "InstanceHealthCheck":
         has_config = self.recreate_on_quorum_strategy_config is not None
         if self.strategy == "recreateOnQuorum" and not has_config:
-            raise ValueError("strategy 'recreateOnQuorum' needs recreateOnQuorumStrategyConfig")
+            raise PathError("recreateOnQuorumStrategyConfig", "strategy 'recreateOnQuorum' needs recreateOnQuorumStrategyConfig")
         if self.strategy != "recreateOnQuorum" and has_config:
-            raise ValueError("recreateOnQuorumStrategyConfig only goes with strategy 'recreateOnQuorum'")
+            raise PathError(
+                "recreateOnQuorumStrategyConfig", "recreateOnQuorumStrategyConfig only goes with strategy 'recreateOnQuorum'"
+            )
         return self
 
 
@@ -71,7 +74,7 @@ class RestartPolicy(SpecModel):
     @model_validator(mode="after")
     def _retries(self) -> "RestartPolicy":
         if self.maximum_retry_count and self.name != "on-failure":
-            raise ValueError("maximumRetryCount only applies to restartPolicy 'on-failure'")
+            raise PathError("maximumRetryCount", "maximumRetryCount only applies to restartPolicy 'on-failure'")
         return self
 
 

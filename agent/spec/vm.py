@@ -27,6 +27,7 @@ from agent.spec.base import (
     SpecModel,
     Text,
 )
+from agent.spec.errors import PathError
 from agent.spec.image import ImageRef, parse_image_ref
 from agent.spec.policies import InstanceHealthCheck, LogConfig, RestartPolicy
 
@@ -196,38 +197,43 @@ class VirtualMachine(SpecModel):
         self._check_disks()
         if self.command:
             if self.image is None or self.image.kind != "kernel":
-                raise ValueError("command is the kernel command line of a kernel: image; a disk image boots its own")
-            spaced = next((a for a in self.command if not a or any(c.isspace() or c == '"' for c in a)), None)
-            if spaced is not None:
-                raise ValueError(f"command: kernel argument {spaced!r} is empty or holds white space or quotes")
+                raise PathError("command", "command is the kernel command line of a kernel: image; a disk image boots its own")
+            for index, arg in enumerate(self.command):
+                if not arg or any(c.isspace() or c == '"' for c in arg):
+                    raise PathError(f"command.{index}", f"kernel argument {arg!r} is empty or holds white space or quotes")
         return self
 
     def _check_memory(self) -> None:
         guest = self.memory_mb * MIB
         if self.memory is not None and self.memory < guest + QEMU_OVERHEAD_BYTES:
-            raise ValueError(
+            raise PathError(
+                "memory",
                 f"memory ({self.memory} bytes) must be at least memoryMb ({self.memory_mb} MiB) plus "
-                f"{QEMU_OVERHEAD_BYTES // MIB} MiB for qemu itself, or the VM is killed"
+                f"{QEMU_OVERHEAD_BYTES // MIB} MiB for qemu itself, or the VM is killed",
             )
         if self.memory_swap is not None and self.memory_swap != -1:
             if self.memory is None:
-                raise ValueError("memorySwap needs memory (it is memory plus swap, as in docker)")
+                raise PathError("memorySwap", "memorySwap needs memory (it is memory plus swap, as in docker)")
             if self.memory_swap < self.memory:
-                raise ValueError("memorySwap (memory plus swap) must be at least memory, or -1 for unlimited swap")
+                raise PathError("memorySwap", "memorySwap (memory plus swap) must be at least memory, or -1 for unlimited swap")
 
     def _check_disks(self) -> None:
-        names = [d.name for d in self.disks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"disk names must be unique: {', '.join(dupes)} repeated")
-        roots = [d.name for d in self.disks if d.root]
+        seen: set[str] = set()
+        for index, disk in enumerate(self.disks):
+            if disk.name in seen:
+                raise PathError(f"disks.{index}.name", f"disk names must be unique: {disk.name} repeated")
+            seen.add(disk.name)
+        roots = [index for index, disk in enumerate(self.disks) if disk.root]
         if len(roots) > 1:
-            raise ValueError(f"only one disk can be root, got {', '.join(roots)}")
+            names = ", ".join(self.disks[i].name for i in roots)
+            raise PathError(f"disks.{roots[1]}.root", f"only one disk can be root, got {names}")
         if roots and self.image is not None and self.image.kind == "kernel":
-            raise ValueError("a kernel: image boots from its kernel and initrd; no disk can be root")
-        raw_roots = [d.name for d in self.disks if d.root and d.opts.format == "raw"]
-        if raw_roots and self.image is not None:
-            raise ValueError(f"disk {raw_roots[0]!r}: a root disk is a qcow2 overlay on the image; it cannot be raw")
+            raise PathError(f"disks.{roots[0]}.root", "a kernel: image boots from its kernel and initrd; no disk can be root")
+        if roots and self.image is not None and self.disks[roots[0]].opts.format == "raw":
+            name = self.disks[roots[0]].name
+            raise PathError(
+                f"disks.{roots[0]}.opts.format", f"disk {name!r}: a root disk is a qcow2 overlay on the image; it cannot be raw"
+            )
 
     # --- derived views ------------------------------------------------------------------
     @property

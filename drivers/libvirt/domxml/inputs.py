@@ -11,6 +11,10 @@ from drivers.libvirt.host_profile import HostProfile
 from drivers.libvirt.layout import HostLayout
 
 
+class RenderError(ValueError):
+    """The spec is valid but this host cannot honour it; the message names the field."""
+
+
 @dataclass(frozen=True)
 class HostPolicy:
     """Operator choices from the agent's configuration (never from a VM's spec)."""

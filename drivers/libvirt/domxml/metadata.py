@@ -25,8 +25,11 @@ def _json(value: object) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
 
 
-def metadata_element(meta: AgentMetadata) -> etree._Element:
-    root = etree.Element(_Q % "instance", nsmap={PREFIX: NAMESPACE})
+def metadata_element(meta: AgentMetadata, *, qualified: bool = True) -> etree._Element:
+    """The element for a whole domain document (qualified) or for setMetadata (unqualified:
+    libvirt puts it into our namespace itself and refuses an element that declares it)."""
+    q = _Q if qualified else "%s"
+    root = etree.Element(q % "instance", nsmap={PREFIX: NAMESPACE} if qualified else None)
     root.set("format", str(meta.format_version))
     for tag, text in (
         ("uuid", meta.instance_uuid),
@@ -36,13 +39,13 @@ def metadata_element(meta: AgentMetadata) -> etree._Element:
         ("userdataDigest", meta.userdata_digest),
     ):
         if text is not None:
-            etree.SubElement(root, _Q % tag).text = text
+            etree.SubElement(root, q % tag).text = text
     return root
 
 
 def metadata_xml(meta: AgentMetadata) -> str:
-    """The element alone, as `virDomain.setMetadata` takes it."""
-    return etree.tostring(metadata_element(meta), encoding="unicode")
+    """The element alone, as `virDomain.setMetadata` takes it (with KEY and NAMESPACE)."""
+    return etree.tostring(metadata_element(meta, qualified=False), encoding="unicode")
 
 
 class NotOurs(ValueError):
@@ -50,11 +53,17 @@ class NotOurs(ValueError):
 
 
 def parse_metadata(xml: str | bytes | etree._Element) -> AgentMetadata:
-    """Our element out of a whole domain XML, or the element itself (`virDomain.metadata`)."""
+    """Our element out of a whole domain XML, or the element itself (`virDomain.metadata`).
+
+    `virDomain.metadata(VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE)` answers with the element
+    stripped of its namespace (`<instance format="1"><uuid>...`): libvirt already selected it
+    by namespace, so an unqualified `instance` root is read as ours.
+    """
     if isinstance(xml, (str, bytes)):
         parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
         xml = etree.fromstring(xml.encode() if isinstance(xml, str) else xml, parser)
-    node = xml if xml.tag == _Q % "instance" else xml.find(f"metadata/{_Q % 'instance'}")
+    qualify = "%s" if xml.tag == "instance" else _Q
+    node = xml if xml.tag in ("instance", _Q % "instance") else xml.find(f"metadata/{_Q % 'instance'}")
     if node is None:
         raise NotOurs("no herdsman metadata")
     version = int(node.get("format", "0"))
@@ -62,7 +71,7 @@ def parse_metadata(xml: str | bytes | etree._Element) -> AgentMetadata:
         raise NotOurs(f"herdsman metadata format {version} is newer than this agent's {FORMAT_VERSION}")
 
     def text(tag: str) -> str | None:
-        child = node.find(_Q % tag)
+        child = node.find(qualify % tag)
         return None if child is None else (child.text or "")
 
     uuid = text("uuid")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from drivers.libvirt.domxml.inputs import RenderInput
+from drivers.libvirt.domxml.inputs import RenderError, RenderInput
 from drivers.libvirt.domxml.model import Domain
 
-
-class RenderError(ValueError):
-    """The spec is valid but this host cannot honour it; the message names the field."""
+__all__ = ["RenderError", "configure"]
 
 
 def configure(inp: RenderInput, dom: Domain) -> None:

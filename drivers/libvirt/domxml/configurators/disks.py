@@ -28,7 +28,9 @@ def configure(inp: RenderInput, dom: Domain) -> None:
         prefix = _PREFIX[opts.bus]
         index = used.get(prefix, 0)
         used[prefix] = index + 1
-        fmt = "qcow2" if disk.root else opts.format
+        # A root disk on an image is a qcow2 overlay (the spec refuses raw there); a root disk
+        # without an image is blank and keeps the format its opts ask for.
+        fmt = opts.format
         iotune = {}
         if disk.read_iops:
             iotune["read_iops_sec"] = disk.read_iops

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from drivers.libvirt.domxml.inputs import RenderInput, derived_mac
+import re
+
+from drivers.libvirt.domxml.inputs import RenderError, RenderInput, derived_mac
 from drivers.libvirt.domxml.model import Domain, Interface
 
 #: PCI slot for the hand-made session NIC; libvirt fills the low slots itself.
 SESSION_NIC_PCI_ADDR = "0x10"
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _checked_mac(mac: str) -> str:
+    """A controller's MAC, lower-cased; it reaches qemu's option parser in session mode."""
+    normal = mac.lower()
+    if not _MAC_RE.match(normal) or int(normal[:2], 16) & 1:
+        raise RenderError(f"nics: {mac!r} is not a unicast MAC address like 52:54:00:12:34:56")
+    return normal
 
 
 def macs_for(inp: RenderInput) -> tuple[str, ...]:
     """The controller's MACs when it sent them, else one stable MAC derived from the uuid."""
-    return inp.macs or (derived_mac(inp.uuid, 0),)
+    return tuple(_checked_mac(m) for m in inp.macs) or (derived_mac(inp.uuid, 0),)
 
 
 def session_netdev_args(inp: RenderInput, mac: str) -> list[str]:
@@ -23,10 +34,10 @@ def session_netdev_args(inp: RenderInput, mac: str) -> list[str]:
     forwards = []
     for port in inp.spec.port_specs:
         if port.protocol not in ("tcp", "udp"):
-            raise ValueError(f"ports: {port}: user-mode networking forwards only tcp and udp")
+            raise RenderError(f"ports: {port}: user-mode networking forwards only tcp and udp")
         host_ip = port.host_ip or "127.0.0.1"
         if ":" in host_ip:
-            raise ValueError(f"ports: {port}: user-mode networking forwards only IPv4 host addresses")
+            raise RenderError(f"ports: {port}: user-mode networking forwards only IPv4 host addresses")
         host_port = port.host_port or port.guest_port
         forwards.append(f",hostfwd={port.protocol}:{host_ip}:{host_port}-:{port.guest_port}")
     return [

@@ -1,0 +1,163 @@
+"""The agent's configuration: flags, environment variables and an optional config file.
+
+Each setting has one key, used three ways: `--access-key` on the command line,
+`CATTLE_ACCESS_KEY` in the environment, and `CATTLE_ACCESS_KEY=...` in the file given by
+`--config` (the same KEY=VALUE format as systemd's EnvironmentFile, so
+/etc/herdsman/herdsman.env serves both). Precedence: flag > environment > file > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import uuid as uuid_module
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+@dataclass(frozen=True)
+class Setting:
+    flag: str
+    env: str
+    help: str
+
+
+SETTINGS: dict[str, Setting] = {
+    "url": Setting("--url", "CATTLE_URL", "controller API base, e.g. http://127.0.0.1:8080/v1"),
+    "access_key": Setting("--access-key", "CATTLE_ACCESS_KEY", "agent API key (HTTP Basic user)"),
+    "secret_key": Setting("--secret-key", "CATTLE_SECRET_KEY", "agent API secret (HTTP Basic password)"),
+    "libvirt_uri": Setting("--libvirt-uri", "HERDSMAN_LIBVIRT_URI", "default qemu:///system as root, qemu:///session otherwise"),
+    "state_dir": Setting("--state-dir", "HERDSMAN_STATE_DIR", "host uuid, secrets, seeds, storage pool (default /var/lib/herdsman)"),
+    "log_dir": Setting("--log-dir", "HERDSMAN_LOG_DIR", "serial console logs (default /var/log/herdsman)"),
+    "domain_type": Setting("--domain-type", "HERDSMAN_DOMAIN_TYPE", "auto, kvm or qemu (default auto)"),
+    "host_uuid": Setting("--host-uuid", "HERDSMAN_HOST_UUID", "default: generated once, kept in the state dir"),
+    "log_format": Setting("--log-format", "HERDSMAN_LOG_FORMAT", "json (default) or text"),
+    "log_level": Setting("--log-level", "HERDSMAN_LOG_LEVEL", "DEBUG, INFO (default), WARNING, ERROR"),
+    "concurrency": Setting("--concurrency", "HERDSMAN_CONCURRENCY", "heavy operations at once (default 8)"),
+    "network": Setting("--network", "HERDSMAN_NETWORK", "libvirt network for networkMode managed (default 'default')"),
+    "bridge": Setting("--bridge", "HERDSMAN_BRIDGE", "host bridge for networkMode bridge (default br0)"),
+    "storage_pool": Setting("--storage-pool", "HERDSMAN_STORAGE_POOL", "libvirt storage pool for volumes (default herdsman)"),
+    "stop_timeout": Setting("--stop-timeout", "HERDSMAN_STOP_TIMEOUT", "seconds a guest gets to power off before it is destroyed (default 10)"),
+}
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None = None
+    access_key: str = ""
+    secret_key: str = ""
+    libvirt_uri: str = Field(default_factory=lambda: "qemu:///system" if os.geteuid() == 0 else "qemu:///session")
+    state_dir: Path = Path("/var/lib/herdsman")
+    log_dir: Path = Path("/var/log/herdsman")
+    domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+    host_uuid: str | None = None
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    concurrency: int = Field(default=8, ge=1, le=256)
+    network: str = "default"
+    bridge: str = "br0"
+    storage_pool: str = "herdsman"
+    stop_timeout: float = Field(default=10.0, ge=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.rstrip("/")
+        if value.endswith("/schemas"):
+            value = value[: -len("/schemas")]
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("host_uuid")
+    @classmethod
+    def _host_uuid(cls, value: str | None) -> str | None:
+        return None if value is None else str(uuid_module.UUID(value))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (systemd EnvironmentFile syntax: comments, optional quotes)."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"{path}:{number}: expected KEY=VALUE")
+        parts = shlex.split(value) if value.strip() else [""]
+        values[key.strip()] = " ".join(parts)
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="KEY=VALUE file with any of the settings below")
+    for name, setting in SETTINGS.items():
+        parser.add_argument(setting.flag, dest=name, default=None, help=f"[{setting.env}] {setting.help}")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> AgentConfig:
+    file_values = read_env_file(args.config) if getattr(args, "config", None) else {}
+    raw: dict[str, object] = {}
+    for name, setting in SETTINGS.items():
+        for source in (file_values.get(setting.env), environ.get(setting.env), getattr(args, name, None)):
+            if source not in (None, ""):
+                raw[name] = source
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            name = str(error["loc"][0]) if error["loc"] else ""
+            setting = SETTINGS.get(name)
+            label = f"{setting.flag} / {setting.env}" if setting else name
+            problems.append(f"{label}: {error['msg']}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def host_uuid(config: AgentConfig) -> str:
+    """The configured host uuid, or the one generated on first start and kept in the state dir."""
+    if config.host_uuid:
+        return config.host_uuid
+    path = config.state_dir / "host-uuid"
+    try:
+        return str(uuid_module.UUID(path.read_text().strip()))
+    except FileNotFoundError:
+        pass
+    value = str(uuid_module.uuid4())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+def secret(config: AgentConfig, name: str) -> bytes:
+    """A random secret kept in the state dir (mode 0600), created on first use."""
+    path = config.state_dir / f"{name}.secret"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    return value

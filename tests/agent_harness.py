@@ -59,9 +59,9 @@ def ping_instances(reply: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def running_agent(tmp_path: Path, *, uri: str = "test:///default", **overrides: Any) -> AsyncIterator[tuple[ControllerDouble, Agent]]:
     ctl = ControllerDouble()
     await ctl.start()
+    settings: dict[str, Any] = {"state_dir": tmp_path / "state", "log_dir": tmp_path / "log", **overrides}
     config = AgentConfig(url=ctl.url, access_key="agent", secret_key="secret", libvirt_uri=uri,
-                         state_dir=tmp_path / "state", log_dir=tmp_path / "log", domain_type="qemu",
-                         **overrides)
+                         domain_type="qemu", **settings)
     agent = Agent(config)
     task = asyncio.create_task(agent.run())
     try:

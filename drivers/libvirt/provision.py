@@ -67,6 +67,8 @@ class Provisioner:
                 vol, created = storage.ensure_volume(pool, name, disk.size_bytes, fmt)
                 if created:
                     done.volumes.append(vol)
+            # virtlogd (root) writes the console log but does not create its folder
+            inp.layout.console_log_path(inp.uuid).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             seed_path = inp.layout.seed_path(inp.uuid)
             existed = seed_path.exists()
             seed_path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)

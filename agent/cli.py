@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(run)
     run.set_defaults(func=cmd_run)
 
+    from agent.local import add_commands
+
+    add_commands(sub, add_arguments)
+
     validate = sub.add_parser("validate", help="check a virtualMachine spec (or a Cattle event); print each error with its field")
     validate.add_argument("spec", help="JSON file, or - for standard input")
     validate.set_defaults(func=cmd_validate)
@@ -101,8 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_local(args: argparse.Namespace) -> int:
+    """The debug-mode commands: errors are one line for the user, not a traceback."""
+    import asyncio
+    import logging
+
+    from agent.config import ConfigError
+    from drivers.base import DriverError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return asyncio.run(args.async_func(args))
+    except KeyboardInterrupt:
+        return 0
+    except (ConfigError, DriverError, OSError, ValueError) as exc:
+        print(f"herdsman {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "async_func", None) is not None:
+        return cmd_local(args)
     return int(args.func(args) or 0)
 
 

@@ -285,8 +285,8 @@ def test_unit_environment_makes_a_watchdog_kill_print_the_stuck_stack() -> None:
         """
         import time
         def stuck_in_a_blocking_call():
+            print("up", flush=True)  # from inside, so the signal cannot land before the call
             time.sleep(30)
-        print("up", flush=True)
         stuck_in_a_blocking_call()
         """
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class FieldError:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-def _message(error: dict) -> str:
+def _message(error: ErrorDetails) -> str:
     text = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if text.startswith(prefix):
@@ -41,7 +42,8 @@ class PathError(ValueError):
 def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
     out = []
     for error in exc.errors(include_url=False):
-        loc = [str(part) for part in error["loc"]]
+        # pydantic marks a failing dict key with a "[key]" step after it; the key is the path.
+        loc = [str(part) for part in error["loc"] if part != "[key]"]
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, PathError) and cause.path:
             loc.append(cause.path)

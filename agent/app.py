@@ -8,9 +8,10 @@ import signal
 from typing import Any
 
 from agent.config import AgentConfig, host_uuid, secret
-from agent.dispatcher import Dispatcher, Route
+from agent.dispatcher import Dispatcher, Publish, Route
 from agent.handlers.compute import ComputeHandlers
 from agent.handlers.ping import PingHandler
+from agent.handlers.storage import StorageHandlers
 from agent.protocol.client import ControllerClient
 from agent.systemd import Notifier
 from drivers.base import HostEvent
@@ -28,8 +29,9 @@ def build_driver(config: AgentConfig) -> LibvirtDriver:
     return LibvirtDriver(config.libvirt_uri, policy=policy, domain_type=config.domain_type, logger=logging.getLogger("herdsman.libvirt"))
 
 
-def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str) -> dict[str, Route]:
+def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish: Publish) -> dict[str, Route]:
     compute = ComputeHandlers(driver, stop_timeout=config.stop_timeout)
+    storage = StorageHandlers(driver, publish)
     ping = PingHandler(driver, host_uuid=host, storage_path=str(config.state_dir))
     return {
         "ping": Route(ping),
@@ -41,6 +43,10 @@ def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str) -> dict[
         "compute.instance.force.stop": Route(compute.force_stop, heavy=True),
         "compute.instance.inspect": Route(compute.inspect),
         "compute.instance.setlabels": Route(compute.setlabels),
+        "storage.image.activate": Route(storage.image_activate, heavy=True),
+        "storage.volume.activate": Route(storage.volume_event),
+        "storage.volume.deactivate": Route(storage.volume_event),
+        "storage.volume.remove": Route(storage.volume_event),
     }
 
 
@@ -54,7 +60,7 @@ class Agent:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
-        self.dispatcher = Dispatcher(build_routes(self.driver, config, self.host_uuid), self._publish,
+        self.dispatcher = Dispatcher(build_routes(self.driver, config, self.host_uuid, self._publish), self._publish,
                                      concurrency=config.concurrency)
         self.client = ControllerClient(config.url, config.access_key, config.secret_key,
                                        event_names=self.dispatcher.event_names)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import libvirt
 
+from agent.spec.image import parse_image_ref
 from agent.spec.vm import VirtualMachine
 from drivers.base import DriverError, HostEvent, NotFound, Placement, Unavailable, VmRecord
 from drivers.libvirt import inventory, storage
@@ -212,6 +213,22 @@ class LibvirtDriver:
             "stats": stats,
         }
 
+    async def ensure_image(self, reference: str, checksum: str | None,
+                           progress: Callable[[int, str], Any] | None = None) -> dict[str, Any]:
+        """Fetch an image into the host cache ahead of any VM (storage.image.activate)."""
+        try:
+            ref = parse_image_ref(reference)
+        except ValueError as exc:
+            raise DriverError(f"image: {exc}") from None
+        conn = self._connection()
+        images = self.provisioner.images
+        if ref.kind == "kernel":
+            boot = await images.ensure_kernel_image(conn, ref, checksum=checksum, progress=progress)
+            return {"format": "kernel", "+data": {"herdsman": {"kernel": boot.kernel, "initrd": boot.initrd}}}
+        base = await images.ensure_disk_image(conn, ref, checksum=checksum, progress=progress)
+        return {"format": base.format, "virtualSizeMb": base.virtual_size >> 20,
+                "+data": {"herdsman": {"volume": base.volume_name}}}
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def ensure_vm(self, spec: VirtualMachine, placement: Placement, *, start: bool) -> VmRecord:
         """Define the VM if needed, then start it if asked. Safe to repeat."""
@@ -230,7 +247,7 @@ class LibvirtDriver:
                 self._update_metadata(dom, domain.metadata, domain.title, domain.description)
             else:
                 was_running = dom is not None and bool(dom.isActive())
-                created = await self.provisioner.prepare(conn, inp, new_domain=dom is None)
+                created = await self.provisioner.prepare(conn, inp, placement, new_domain=dom is None)
                 try:
                     dom = conn.defineXMLFlags(to_xml(domain), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
                 except libvirt.libvirtError as exc:

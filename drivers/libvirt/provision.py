@@ -13,11 +13,13 @@ from pathlib import Path
 
 import libvirt
 
+from agent.spec.image import ImageRef, parse_checksum
 from agent.spec.vm import VirtualMachine
 from drivers.base import DriverError, Placement
 from drivers.libvirt import storage
 from drivers.libvirt.domxml.configurators.network import macs_for
 from drivers.libvirt.domxml.inputs import HostPolicy, KernelBoot, RenderInput
+from drivers.libvirt.images import ImageCache, ProgressCallback
 from drivers.libvirt.seed import SeedInputs, write_seed
 
 
@@ -42,28 +44,55 @@ def seed_inputs(inp: RenderInput) -> SeedInputs:
     )
 
 
+def placement_checksum(placement: Placement) -> str | None:
+    """The checksum of the event's image object (Cattle sends a bare hex digest)."""
+    raw = (placement.image or {}).get("checksum")
+    if not raw:
+        return None
+    try:
+        return parse_checksum(str(raw))
+    except ValueError as exc:
+        raise DriverError(f"image.checksum: {exc}") from None
+
+
 class Provisioner:
     def __init__(self, policy: HostPolicy, *, logger: logging.Logger | None = None) -> None:
         self.policy = policy
         self._log = logger or logging.getLogger("herdsman.provision")
+        self.images = ImageCache(policy.layout, pool_path=self.pool_path, logger=self._log)
 
     @property
     def pool_path(self) -> Path:
         return self.policy.layout.state_dir / "pool"
 
     async def kernel_boot(self, conn: libvirt.virConnect, spec: VirtualMachine, placement: Placement) -> KernelBoot | None:
-        if spec.image is None:
+        ref = spec.image
+        if ref is None or ref.kind != "kernel":
             return None
-        raise DriverError("imageUuid: this agent cannot fetch boot images yet; create the VM without imageUuid")
+        return await self.images.ensure_kernel_image(conn, ref, checksum=placement_checksum(placement),
+                                                     progress=self._progress(ref))
 
-    async def prepare(self, conn: libvirt.virConnect, inp: RenderInput, *, new_domain: bool) -> Prepared:
+    def _progress(self, ref: ImageRef) -> ProgressCallback:
+        async def report(percent: int, message: str) -> None:
+            self._log.info("image download", extra={"image": ref.url.split("?")[0], "percent": percent})
+        return report
+
+    async def prepare(self, conn: libvirt.virConnect, inp: RenderInput, placement: Placement, *,
+                      new_domain: bool) -> Prepared:
         done = Prepared(new_domain=new_domain)
         try:
             storage.ensure_pool(conn, self.policy.layout.storage_pool, self.pool_path)
+            image = inp.spec.image
             for disk in inp.spec.ordered_disks:
                 pool = storage.lookup_pool(conn, inp.disk_pool(disk))
-                fmt = "qcow2" if disk.root else disk.opts.format
+                fmt = "qcow2" if disk.root and image is not None else disk.opts.format
                 name = inp.layout.volume_name(inp.uuid, disk.name, fmt)
+                if disk.root and image is not None and image.kind == "disk":
+                    if storage.find_volume(pool, name) is None:
+                        base = await self.images.ensure_disk_image(
+                            conn, image, checksum=placement_checksum(placement), progress=self._progress(image))
+                        done.volumes.append(self.images.create_overlay(pool, name, base, disk.size_bytes))
+                    continue
                 vol, created = storage.ensure_volume(pool, name, disk.size_bytes, fmt)
                 if created:
                     done.volumes.append(vol)

@@ -63,6 +63,13 @@ def _mode(value: str) -> etree._Element:
     return mode
 
 
+def find_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
 def ensure_volume(pool: libvirt.virStoragePool, name: str, capacity: int, fmt: str) -> tuple[libvirt.virStorageVol, bool]:
     """A blank volume of `capacity` bytes; an existing one is kept (it holds the VM's data)."""
     try:

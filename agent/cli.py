@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from agent import __version__
 from agent.spec.cattle import spec_from_document
 from agent.spec.errors import SpecError
+from agent.spec.vm import VirtualMachine
 
 
 def _load_json(path: str) -> Any:
@@ -21,12 +22,19 @@ def _load_json(path: str) -> Any:
         raise SystemExit(f"{path}: not JSON: {exc}") from None
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _load_spec(path: str) -> VirtualMachine | None:
+    """The spec in `path`, or None after printing each error as `FILE: field.path: message`."""
     try:
-        spec = spec_from_document(_load_json(args.spec))
+        return spec_from_document(_load_json(path))
     except SpecError as exc:
         for error in exc.errors:
-            print(f"{args.spec}: {error}", file=sys.stderr)
+            print(f"{path}: {error}", file=sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.spec)
+    if spec is None:
         return 1
     print(f"{args.spec}: valid virtualMachine {spec.name or ''} ({spec.instance_uuid})".replace("  ", " "))
     return 0
@@ -38,11 +46,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     from drivers.libvirt.host_profile import HostProfile
     from drivers.libvirt.layout import HostLayout
 
-    try:
-        spec = spec_from_document(_load_json(args.spec))
-    except SpecError as exc:
-        for error in exc.errors:
-            print(f"{args.spec}: {error}", file=sys.stderr)
+    spec = _load_spec(args.spec)
+    if spec is None:
         return 1
     profile = HostProfile(domain_type=args.domain_type, machine=args.machine, session=args.session)
     layout = HostLayout(state_dir=Path(args.state_dir), log_dir=Path(args.log_dir), storage_pool=args.storage_pool)

@@ -105,6 +105,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     import json
 
     document = json.loads(Path(args.spec).read_text())
+    if args.image:
+        document["imageUuid"] = args.image
     try:
         spec = spec_from_document(document)
     except SpecError as exc:
@@ -170,6 +172,7 @@ def add_commands(sub: argparse._SubParsersAction, add_arguments: Any) -> None:
 
     up = local("up", "create and start the VM of a virtualMachine JSON, then follow its serial console")
     up.add_argument("spec")
+    up.add_argument("--image", help="boot this imageUuid instead of the spec's (e.g. kernel:file:///path/image.json)")
     up.add_argument("--detach", "-d", action="store_true", help="do not follow the console")
     up.add_argument("--until", help="stop following once this text appears on the console")
     up.add_argument("--timeout", type=float, default=0, help="stop following after this many seconds")

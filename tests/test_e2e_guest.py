@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.agent_harness import instance_event, running_agent, vm_instance
+from tests.agent_harness import instance_event, ping, ping_instances, running_agent, vm_instance
 from tests.libvirtd_fixtures import SYSTEM_URI, host_dirs, system_conn  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest, pytest.mark.timeout(900)]
@@ -62,6 +63,14 @@ async def test_guest_boots_runs_userdata_keeps_its_disk_and_purges_clean(tmp_pat
         assert "serial=state" in first and "serial=data" in first
         assert "E2E-MARKER-7f3a" in first and "E2E-FOUND" not in first
         print(f"activate → user-data marker: {boot_seconds:.1f} s")
+        # the address the guest leased on the default network shows in the next pings
+        address = None
+        for _ in range(60):
+            address = ping_instances(await ping(ctl))[uuid].get("primaryIpAddress")
+            if address:
+                break
+            await asyncio.sleep(0.5)
+        assert address and ipaddress.ip_address(address) in ipaddress.ip_network("192.168.122.0/24"), address
 
         # graceful stop (the guest's acpid powers it off), then start: the root disk kept its file
         reply = await instance_event(ctl, "deactivate", inst, process={"timeout": 60}, timeout=120)

@@ -83,6 +83,7 @@ class PingHandler:
                     "labels": vm.labels,
                     "created": self._started,
                     "systemContainer": None,
+                    **({"primaryIpAddress": vm.primary_ip} if vm.primary_ip else {}),
                 })
             reply_options["instances"] = True
         return {"resources": resources, "options": reply_options}

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Callable
 
 import libvirt
@@ -19,7 +20,8 @@ import libvirt
 from agent.spec.image import parse_image_ref
 from agent.spec.vm import VirtualMachine
 from drivers.base import DriverError, HostEvent, NotFound, Placement, Unavailable, VmRecord
-from drivers.libvirt import inventory, storage
+from drivers.libvirt import inventory
+from drivers.libvirt.addresses import AddressBook
 from drivers.libvirt.capabilities import probe_host_profile
 from drivers.libvirt.connection import LibvirtConnection, LibvirtUnavailable
 from drivers.libvirt.domxml import metadata
@@ -58,6 +60,8 @@ class LibvirtDriver:
         self._availability_listeners: list[Callable[[bool], None]] = []
         self._adopted = asyncio.Event()
         self.provisioner = Provisioner(policy, logger=self._log)
+        self.addresses = AddressBook(logger=self._log)
+        self._address_task: asyncio.Task[None] | None = None
 
     # -- connection and adoption -----------------------------------------------------------
     async def start(self) -> None:
@@ -66,13 +70,20 @@ class LibvirtDriver:
         await self._conn.start()
         if self._conn.connected:
             self._adopt()
+        self._address_task = asyncio.create_task(self.addresses.run(self._running_domains), name="addresses")
 
     async def wait_ready(self, timeout: float) -> None:
         await self._conn.wait_connected(timeout)
         await asyncio.wait_for(self._adopted.wait(), timeout)
 
     async def close(self) -> None:
+        if self._address_task is not None:
+            self._address_task.cancel()
         await self._conn.close()
+
+    def _running_domains(self) -> list[libvirt.virDomain]:
+        conn = self._conn.get()
+        return [d for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE) if d.UUIDString() in self._registry]
 
     @property
     def available(self) -> bool:
@@ -171,7 +182,13 @@ class LibvirtDriver:
         meta = self._registry.get(uuid)
         if dom is None or meta is None:
             raise NotFound(f"no virtual machine {uuid} on this host")
-        return inventory.record(dom, meta)
+        return self._with_address(dom, inventory.record(dom, meta))
+
+    def _with_address(self, dom: libvirt.virDomain, record: VmRecord) -> VmRecord:
+        if record.state != "running":
+            return record
+        address = self.addresses.get(record.instance_uuid) or self.addresses.refresh(dom)
+        return replace(record, primary_ip=address)
 
     # -- queries -------------------------------------------------------------------------------
     async def list_vms(self) -> list[VmRecord]:
@@ -186,6 +203,7 @@ class LibvirtDriver:
                 instance_uuid=uuid, external_id=uuid, state=inventory.vm_state(code),
                 labels=dict(meta.labels), spec_hash=meta.spec_hash,
                 image=meta.spec.get("imageUuid"), name=meta.spec.get("name"),
+                primary_ip=self.addresses.get(uuid) if code == libvirt.VIR_DOMAIN_RUNNING else None,
             ))
         return records
 
@@ -264,8 +282,8 @@ class LibvirtDriver:
                         self.provisioner.undo(conn, created)
                         self._registry.pop(uuid, None)
                     raise DriverError(_libvirt_message(exc)) from None
-            record = inventory.record(dom, self._registry[uuid])
-        return VmRecord(**{**record.__dict__, "restart_required": restart_required})
+            record = self._with_address(dom, inventory.record(dom, self._registry[uuid]))
+        return replace(record, restart_required=restart_required)
 
     def _update_metadata(self, dom: libvirt.virDomain, meta: AgentMetadata, title: str | None,
                          description: str | None) -> None:

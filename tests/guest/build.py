@@ -277,14 +277,27 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def write_image_manifest(image: GuestImage, path: Path) -> None:
+    """A `kernel:` image manifest (drivers/libvirt/images.py) pointing at this build."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"kernel": image.kernel.as_uri(), "initrd": image.initrd.as_uri(), "cmdline": image.cmdline}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build or reuse the herdsman test guest.")
     parser.add_argument("--out", type=Path, help="cache directory (default: %(default)s)",
                         default=default_cache_dir())
     parser.add_argument("--rebuild", action="store_true", help="build even if cached")
+    parser.add_argument("--image-manifest", type=Path,
+                        help="also write a herdsman kernel: image manifest for this guest at this path")
     args = parser.parse_args(argv)
     started = time.monotonic()
     image = ensure_guest(args.out, rebuild=args.rebuild)
+    if args.image_manifest is not None:
+        write_image_manifest(image, args.image_manifest)
     manifest = json.loads((image.dir / "manifest.json").read_text())
     print(json.dumps({
         "kernel": str(image.kernel),

@@ -1,0 +1,96 @@
+"""Guests' IP addresses, learnt from libvirt's DHCP leases or the guest agent, off the ping path.
+
+A ping must stay cheap at 1,000 VMs, so addresses are looked up in the background (a few VMs
+per tick, unknown ones first) and a ping only reads the book.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Callable, Iterable
+
+import libvirt
+
+_SOURCES = (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+
+
+def first_ipv4(addresses: dict) -> str | None:
+    """The first global IPv4 address of the first interface that has one."""
+    for iface in addresses.values():
+        for addr in iface.get("addrs") or []:
+            if addr.get("type") != libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                continue
+            ip = addr.get("addr")
+            try:
+                if ip and not ipaddress.ip_address(ip).is_loopback:
+                    return ip
+            except ValueError:
+                continue
+    return None
+
+
+def lookup(dom: libvirt.virDomain) -> str | None:
+    """Leases first (no guest cooperation needed), then the guest agent."""
+    for source in _SOURCES:
+        try:
+            found = first_ipv4(dom.interfaceAddresses(source, 0))
+        except libvirt.libvirtError:
+            continue  # no lease source (user networking, bridges) or no agent in the guest
+        if found:
+            return found
+    return None
+
+
+class AddressBook:
+    def __init__(self, *, per_tick: int = 20, interval: float = 2.0, max_age: float = 60.0,
+                 logger: logging.Logger | None = None) -> None:
+        self._known: dict[str, tuple[str | None, float]] = {}
+        self.per_tick = per_tick
+        self.interval = interval
+        self.max_age = max_age
+        self._log = logger or logging.getLogger("herdsman.addresses")
+
+    def get(self, uuid: str) -> str | None:
+        entry = self._known.get(uuid)
+        return entry[0] if entry else None
+
+    def forget(self, uuid: str) -> None:
+        self._known.pop(uuid, None)
+
+    def refresh(self, dom: libvirt.virDomain) -> str | None:
+        address = lookup(dom) if dom.isActive() else None
+        self._known[dom.UUIDString()] = (address, time.monotonic())
+        return address
+
+    def _due(self, running: Iterable[str]) -> list[str]:
+        now = time.monotonic()
+        unknown, stale = [], []
+        for uuid in running:
+            entry = self._known.get(uuid)
+            if entry is None or entry[0] is None:
+                unknown.append(uuid)
+            elif now - entry[1] > self.max_age:
+                stale.append(uuid)
+        return (unknown + stale)[: self.per_tick]
+
+    async def run(self, running: Callable[[], list[libvirt.virDomain]]) -> None:
+        """Forever: look up the addresses of a few running VMs per tick."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                domains = {d.UUIDString(): d for d in running()}
+            except Exception as exc:  # libvirt away: try again next tick
+                self._log.debug("address refresh skipped", extra={"error": str(exc)})
+                continue
+            for uuid in list(self._known):
+                if uuid not in domains:
+                    self._known.pop(uuid)
+            for uuid in self._due(domains):
+                try:
+                    self.refresh(domains[uuid])
+                except libvirt.libvirtError:
+                    continue
+                await asyncio.sleep(0)

@@ -118,6 +118,23 @@ def prune(dest: Path, keep: Sequence[Package]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    """tarfile's "data" filter where Python has it (3.11.4+); the same checks by hand before
+    that (Debian 12's python3 is 3.11.2): no absolute paths, no '..', no links leaving dest."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extract(member, dest, filter="data")
+        return
+    target = (dest / member.name).resolve()
+    if not str(target).startswith(str(dest.resolve()) + "/") or member.isdev():
+        raise PackageError(f"unsafe member {member.name!r} in package")
+    if member.issym() or member.islnk():
+        link = (target.parent / member.linkname).resolve() if member.issym() else (dest / member.linkname).resolve()
+        if not str(link).startswith(str(dest.resolve()) + "/"):
+            raise PackageError(f"link {member.name!r} points outside the package")
+    member.mode &= 0o755
+    tar.extract(member, dest)
+
+
 def extract(deb: Path, dest: Path, wanted: Callable[[str], bool] = lambda name: True) -> None:
     """Unpack the members whose path (like `usr/sbin/qemu-ga`) passes `wanted`.
 
@@ -130,7 +147,7 @@ def extract(deb: Path, dest: Path, wanted: Callable[[str], bool] = lambda name: 
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for member in tar:
                 if wanted(member.name.removeprefix("./")):
-                    tar.extract(member, dest, filter="data")
+                    _extract_member(tar, member, dest)
     finally:
         proc.stdout.close()
         if proc.wait() not in (0, -signal.SIGPIPE):

@@ -118,7 +118,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from agent.config import ConfigError
     from drivers.base import DriverError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         return asyncio.run(args.async_func(args))
     except KeyboardInterrupt:

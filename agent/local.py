@@ -113,6 +113,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
         for error in exc.errors:
             print(f"{args.spec}: {error}", file=sys.stderr)
         return 1
+    import logging
+
+    logging.getLogger("herdsman.provision").setLevel(logging.INFO)  # image download progress
     async with LocalSession(local_config(args)) as session:
         print(f"creating {spec.name or spec.instance_uuid} ({spec.instance_uuid}) on {session.config.libvirt_uri}",
               file=sys.stderr)

@@ -88,3 +88,48 @@ async def test_guest_boots_runs_userdata_keeps_its_disk_and_purges_clean(tmp_pat
         assert not (state / "seeds" / f"{uuid}.iso").exists()
         assert not list((logs / "console").glob(f"{uuid}*"))
         assert uuid not in {d.UUIDString() for d in system_conn.listAllDomains(0)}
+
+
+async def test_session_mode_forwards_ports_to_the_guest(tmp_path, host_dirs):
+    """qemu:///session (the debug mode's default for a normal user): user-mode NIC, hostfwd ports."""
+    import libvirt
+    import socket
+
+    try:
+        libvirt.open("qemu:///session").close()
+    except libvirt.libvirtError as exc:
+        pytest.skip(f"qemu:///session unavailable: {exc}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image = guest_manifest(tmp_path / "images")
+    userdata = "#!/bin/sh\nmkdir -p /www && echo PORT-FORWARD-OK > /www/index.html && busybox httpd -p 80 -h /www\necho HTTPD-STARTED\n"
+    dirs = dict(host_dirs)
+    async with running_agent(tmp_path, uri="qemu:///session", **dirs) as (ctl, _):
+        inst = vm_instance("session", memory_mb=160, imageUuid=image, userdata=userdata, ports=[f"{port}:80"])
+        reply = await instance_event(ctl, "activate", inst, timeout=300)
+        assert reply.get("transitioning") is None, reply.get("transitioningMessage")
+        try:
+            await wait_for(Path(dirs["log_dir"]) / "console" / f"{inst['uuid']}.log", "HTTPD-STARTED", 300)
+            body = b""
+            for _ in range(40):
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                        body = b"".join(iter(lambda: conn.recv(4096), b""))
+                    if b"PORT-FORWARD-OK" in body:
+                        break
+                except OSError:
+                    pass
+                await asyncio.sleep(0.5)
+            assert b"PORT-FORWARD-OK" in body, body
+        finally:
+            await instance_event(ctl, "purge", inst, timeout=120)
+            session = libvirt.open("qemu:///session")
+            try:
+                pool = session.storagePoolLookupByName(dirs["storage_pool"])
+                pool.destroy()
+                pool.undefine()
+            except libvirt.libvirtError:
+                pass
+            session.close()

@@ -74,7 +74,7 @@ class Provisioner:
 
     def _progress(self, ref: ImageRef) -> ProgressCallback:
         async def report(percent: int, message: str) -> None:
-            self._log.info("image download", extra={"image": ref.url.split("?")[0], "percent": percent})
+            self._log.info(f"image {percent:3d}% {message}", extra={"image": ref.url.split("?")[0], "percent": percent})
         return report
 
     async def prepare(self, conn: libvirt.virConnect, inp: RenderInput, placement: Placement, *,

@@ -21,14 +21,16 @@ def _pool_xml(name: str, path: Path) -> str:
 
 def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> libvirt.virStoragePool:
     """The agent's directory pool, defined, autostarted and active (idempotent)."""
+    local = not conn.getURI().startswith("test:")
     try:
         pool = conn.storagePoolLookupByName(name)
     except libvirt.libvirtError:
-        if not conn.getURI().startswith("test:"):
-            os.makedirs(path, mode=0o711, exist_ok=True)
         pool = conn.storagePoolDefineXML(_pool_xml(name, path), 0)
         pool.setAutostart(True)
     if not pool.isActive():
+        if local:
+            # an operator may have wiped the state dir: the pool's folder comes back empty
+            os.makedirs(path, mode=0o711, exist_ok=True)
         pool.create(0)
     return pool
 

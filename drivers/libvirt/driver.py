@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -189,6 +190,18 @@ class LibvirtDriver:
             return record
         address = self.addresses.get(record.instance_uuid) or self.addresses.refresh(dom)
         return replace(record, primary_ip=address)
+
+    # -- for the stream server (console, exec, logs, proxy) --------------------------------------
+    def domain(self, instance_uuid: str) -> libvirt.virDomain:
+        """The libvirt domain of one of our VMs (NotFound otherwise, Unavailable without libvirt)."""
+        return self._require(instance_uuid)
+
+    def console_log_path(self, instance_uuid: str) -> Path:
+        return self.policy.layout.console_log_path(instance_uuid)
+
+    def primary_address(self, instance_uuid: str) -> str | None:
+        dom = self._require(instance_uuid)
+        return self.addresses.get(instance_uuid) or self.addresses.refresh(dom)
 
     # -- queries -------------------------------------------------------------------------------
     async def list_vms(self) -> list[VmRecord]:

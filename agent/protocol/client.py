@@ -24,6 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
+POST_CONCURRENCY = 8
+
 __all__ = ["ControllerClient", "PublishError"]
 
 _AUTH_STATUSES = (401, 403)
@@ -84,6 +86,9 @@ class ControllerClient:
         self._log = logger or logging.getLogger("herdsman.protocol")
         self._ws: ClientConnection | None = None
         self._http: httpx.AsyncClient | None = None
+        # A few connections, reused: past that, httpx's pool bookkeeping grows with the queue and
+        # a burst of 200 replies costs more in queueing than in sending (bench/README.md).
+        self._posting = asyncio.Semaphore(POST_CONCURRENCY)
         self._running = False
         self._closed = False
         self._stop = asyncio.Event()
@@ -289,8 +294,9 @@ class ControllerClient:
                 backoff = _PUBLISH_BACKOFF * (2 ** (attempt - 1))
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             try:
-                response = await self._client().post(
-                    url, content=content, headers={"Content-Type": "application/json"})
+                async with self._posting:
+                    response = await self._client().post(
+                        url, content=content, headers={"Content-Type": "application/json"})
             except httpx.TransportError as exc:
                 status, text, failure = None, "", _describe(exc)
                 self._log.warning("POST to controller failed",
@@ -311,6 +317,7 @@ class ControllerClient:
             self._http = httpx.AsyncClient(
                 headers={"Authorization": self._auth_header, "User-Agent": "herdsman"},
                 timeout=httpx.Timeout(self._publish_timeout),
+                limits=httpx.Limits(max_connections=POST_CONCURRENCY, max_keepalive_connections=POST_CONCURRENCY),
             )
         return self._http
 

@@ -148,6 +148,8 @@ class LibvirtDriver:
             self._registry.pop(event.uuid, None)
         if event.status is None:
             return
+        if event.event != "undefined" and self._locks[event.uuid].locked():
+            return  # the agent's own operation: its reply reports the state (container events are for changes on the host)
         host_event = HostEvent(instance_uuid=event.uuid, external_id=event.uuid, status=event.status,
                                timestamp=event.timestamp)
         for listener in self._event_listeners:

@@ -7,6 +7,7 @@ either comes up whole or leaves nothing behind. Purge finds a VM's files by name
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,8 @@ class Provisioner:
             seed_path = inp.layout.seed_path(inp.uuid)
             existed = seed_path.exists()
             seed_path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-            write_seed(seed_path, seed_inputs(inp))
+            # file I/O with fsyncs: off the loop thread (no libvirt call in there)
+            await asyncio.to_thread(write_seed, seed_path, seed_inputs(inp))
             if not existed:
                 done.seed = seed_path
         except libvirt.libvirtError as exc:

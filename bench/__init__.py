@@ -1,0 +1,1 @@
+"""herdsman's benchmarks: `python -m bench [--quick] [NAME...]` (see bench/README.md)."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import activate, render, scale, seed_iso
+from bench import activate, boot, render, scale, seed_iso
 from bench.common import RESULTS, Result, append_result, fmt, git_commit, machine
 
 Benchmark = Callable[[bool, dict[str, Any]], Awaitable[Result]]
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "render": render.run,
     "scale": scale.run,
     "seed": seed_iso.run,
+    "boot": boot.run,
 }
 
 

@@ -1,4 +1,4 @@
-"""Guests' IP addresses, learnt from libvirt's DHCP leases or the guest agent, off the ping path.
+"""Guests' IP addresses, learnt from libvirt's DHCP leases, off the ping path.
 
 A ping must stay cheap at 1,000 VMs, so addresses are looked up in the background (a few VMs
 per tick, unknown ones first) and a ping only reads the book.
@@ -14,7 +14,10 @@ from typing import Callable, Iterable
 
 import libvirt
 
-_SOURCES = (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+#: Only libvirt's own DHCP leases: a guest-agent query is answered by the guest, and libvirt
+#: calls run on the event loop thread, so a guest slow to answer (booting under TCG) would stall
+#: the agent. VMs on host bridges (no libvirt DHCP) therefore report no address yet.
+LEASES = (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,)
 
 
 def first_ipv4(addresses: dict) -> str | None:
@@ -32,9 +35,9 @@ def first_ipv4(addresses: dict) -> str | None:
     return None
 
 
-def lookup(dom: libvirt.virDomain) -> str | None:
-    """Leases first (no guest cooperation needed), then the guest agent."""
-    for source in _SOURCES:
+def lookup(dom: libvirt.virDomain, sources: tuple[int, ...] = LEASES) -> str | None:
+    """The first IPv4 address any of `sources` knows."""
+    for source in sources:
         try:
             found = first_ipv4(dom.interfaceAddresses(source, 0))
         except libvirt.libvirtError:
@@ -45,8 +48,9 @@ def lookup(dom: libvirt.virDomain) -> str | None:
 
 
 class AddressBook:
-    def __init__(self, *, per_tick: int = 20, interval: float = 2.0, max_age: float = 60.0,
-                 logger: logging.Logger | None = None) -> None:
+    def __init__(self, *, sources: tuple[int, ...] = LEASES, per_tick: int = 20, interval: float = 2.0,
+                 max_age: float = 60.0, logger: logging.Logger | None = None) -> None:
+        self.sources = sources
         self._known: dict[str, tuple[str | None, float]] = {}
         self.per_tick = per_tick
         self.interval = interval
@@ -61,7 +65,7 @@ class AddressBook:
         self._known.pop(uuid, None)
 
     def refresh(self, dom: libvirt.virDomain) -> str | None:
-        address = lookup(dom) if dom.isActive() else None
+        address = lookup(dom, self.sources) if dom.isActive() else None
         self._known[dom.UUIDString()] = (address, time.monotonic())
         return address
 

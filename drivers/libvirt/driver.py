@@ -22,7 +22,7 @@ from agent.spec.image import parse_image_ref
 from agent.spec.vm import VirtualMachine
 from drivers.base import DriverError, HostEvent, NotFound, Placement, Unavailable, VmRecord
 from drivers.libvirt import inventory
-from drivers.libvirt.addresses import AddressBook
+from drivers.libvirt.addresses import LEASES, AddressBook
 from drivers.libvirt.capabilities import probe_host_profile
 from drivers.libvirt.connection import LibvirtConnection, LibvirtUnavailable
 from drivers.libvirt.domxml import metadata
@@ -61,7 +61,7 @@ class LibvirtDriver:
         self._availability_listeners: list[Callable[[bool], None]] = []
         self._adopted = asyncio.Event()
         self.provisioner = Provisioner(policy, logger=self._log)
-        self.addresses = AddressBook(logger=self._log)
+        self.addresses = AddressBook(sources=LEASES, logger=self._log)
         self._address_task: asyncio.Task[None] | None = None
 
     # -- connection and adoption -----------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from typing import Any
 
 from agent.config import AgentConfig, host_uuid, secret
@@ -13,8 +14,15 @@ from agent.handlers.compute import ComputeHandlers
 from agent.handlers.ping import PingHandler
 from agent.handlers.storage import StorageHandlers
 from agent.protocol.client import ControllerClient
+from agent.streams.actions import BaseUrl, StreamActions, default_stream_url
+from agent.streams.auth import TokenVerifier, read_public_key
+from agent.streams.console import ConsoleHandler
+from agent.streams.exec import ExecHandler
+from agent.streams.logs import LogsHandler
+from agent.streams.proxy import ProxyHandler
+from agent.streams.server import Handler, StreamRefused, StreamServer
 from agent.systemd import Notifier
-from drivers.base import HostEvent
+from drivers.base import HostEvent, NotFound, Unavailable
 from drivers.libvirt.domxml.inputs import HostPolicy
 from drivers.libvirt.driver import LibvirtDriver
 from drivers.libvirt.layout import HostLayout
@@ -29,10 +37,13 @@ def build_driver(config: AgentConfig) -> LibvirtDriver:
     return LibvirtDriver(config.libvirt_uri, policy=policy, domain_type=config.domain_type, logger=logging.getLogger("herdsman.libvirt"))
 
 
-def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish: Publish) -> dict[str, Route]:
+def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish: Publish,
+                 stream_url: BaseUrl | None = None) -> dict[str, Route]:
     compute = ComputeHandlers(driver, stop_timeout=config.stop_timeout)
     storage = StorageHandlers(driver, publish)
     ping = PingHandler(driver, host_uuid=host, storage_path=str(config.state_dir))
+    streams = StreamActions(driver, host_uuid=host, secret=secret(config, "streams"),
+                            base_url=stream_url or (lambda: config.stream_url))
     return {
         "ping": Route(ping),
         "compute.instance.activate": Route(compute.activate, heavy=True),
@@ -43,11 +54,37 @@ def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish:
         "compute.instance.force.stop": Route(compute.force_stop, heavy=True),
         "compute.instance.inspect": Route(compute.inspect),
         "compute.instance.setlabels": Route(compute.setlabels),
+        "compute.instance.console": Route(streams.console),
+        "compute.instance.execute": Route(streams.execute),
+        "compute.instance.logs": Route(streams.logs),
+        "compute.instance.proxy": Route(streams.proxy),
         "storage.image.activate": Route(storage.image_activate, heavy=True),
         "storage.volume.activate": Route(storage.volume_event),
         "storage.volume.deactivate": Route(storage.volume_event),
         "storage.volume.remove": Route(storage.volume_event),
     }
+
+
+def build_stream_routes(driver: LibvirtDriver, config: AgentConfig) -> dict[str, Handler]:
+    return {
+        "console": ConsoleHandler(driver),
+        "exec": ExecHandler(driver),
+        "logs": LogsHandler(driver),
+        "proxy": ProxyHandler(driver, network=config.network),
+    }
+
+
+def stream_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
+    if config.stream_cert is None:
+        if config.stream_key is not None:
+            raise SystemExit("herdsman run: --stream-key needs --stream-cert")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.stream_cert, config.stream_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"herdsman run: --stream-cert/--stream-key: {exc}") from None
+    return context
 
 
 class Agent:
@@ -60,13 +97,57 @@ class Agent:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
-        self.dispatcher = Dispatcher(build_routes(self.driver, config, self.host_uuid, self._publish), self._publish,
-                                     concurrency=config.concurrency)
+        self.stream_verifier = TokenVerifier(self.host_uuid, local_secret=secret(config, "streams"))
+        self.streams = StreamServer(config.stream_listen, self.stream_verifier, build_stream_routes(self.driver, config),
+                                    ssl_context=stream_ssl_context(config), instance_check=self._stream_instance,
+                                    logger=logging.getLogger("herdsman.streams"))
+        self._stream_url: str | None = None
+        self.dispatcher = Dispatcher(build_routes(self.driver, config, self.host_uuid, self._publish, self.stream_url),
+                                     self._publish, concurrency=config.concurrency)
         self.client = ControllerClient(config.url, config.access_key, config.secret_key,
                                        event_names=self.dispatcher.event_names)
         self.notifier = Notifier.from_environ()
         self._background: set[asyncio.Task[Any]] = set()
         self._subscribed_once = False
+
+    def stream_url(self) -> str | None:
+        """Where users' clients reach the stream server; None while it is not running."""
+        return self._stream_url if self.streams.running else None
+
+    def _stream_instance(self, instance_uuid: str) -> None:
+        try:
+            self.driver.domain(instance_uuid)
+        except NotFound:
+            raise StreamRefused(404, f"no virtual machine {instance_uuid} on this host") from None
+        except Unavailable as exc:
+            raise StreamRefused(503, str(exc)) from None
+
+    async def _start_streams(self) -> None:
+        try:
+            await self.streams.start()
+        except OSError as exc:  # the VMs still need managing: run on, without streams
+            log.error("stream server could not listen; console, exec, logs and proxy are unavailable",
+                      extra={"listen": self.config.stream_listen, "error": str(exc)})
+            return
+        self._stream_url = self.config.stream_url or await asyncio.to_thread(  # may resolve the controller's name
+            default_stream_url, self.streams.host, self.streams.port, tls=self.streams.ssl_context is not None,
+            controller_url=self.config.url)
+        log.info("stream server ready", extra={"url": self._stream_url})
+
+    async def _load_controller_key(self, source: str) -> None:
+        """Fetch the controller's token key, retrying (capped backoff) until it works: until
+        then only tokens the agent minted itself open streams."""
+        delay = 1.0
+        while True:
+            try:
+                self.stream_verifier.set_public_key(await read_public_key(source))
+                log.info("controller token key loaded", extra={"source": source})
+                return
+            except Exception as exc:  # unreachable controller, bad file: say so, try again
+                log.warning("controller token key not loaded; retrying",
+                            extra={"source": source, "error": str(exc), "retryIn": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
     async def _publish(self, reply: dict[str, Any]) -> None:
         await self.client.publish(reply)
@@ -111,15 +192,23 @@ class Agent:
         await self.driver.start()
         log.info("agent starting", extra={"hostUuid": self.host_uuid, "libvirt": self.config.libvirt_uri,
                                           **self.driver.host_facts()})
+        await self._start_streams()
         tasks = [
             asyncio.create_task(self.client.run(self.dispatcher.on_frame, self._on_subscribed), name="controller"),
             asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"),
         ]
-        await stop.wait()
-        log.info("stopping (running VMs keep running)")
-        self.notifier.stopping()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.aclose()
-        await self.driver.close()
+        if self.config.controller_public_key:
+            tasks.append(asyncio.create_task(self._load_controller_key(self.config.controller_public_key), name="token-key"))
+        try:  # the listening socket is closed even when run() is cancelled
+            await stop.wait()
+            log.info("stopping (running VMs keep running)")
+            self.notifier.stopping()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.client.aclose()
+            await self.driver.close()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self.streams.close()

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, add_arguments)
 
+    from agent.streams.cli_console import add_commands as add_stream_commands
+
+    add_stream_commands(sub, add_arguments)
+
     validate = sub.add_parser("validate", help="check a virtualMachine spec (or a Cattle event); print each error with its field")
     validate.add_argument("spec", help="JSON file, or - for standard input")
     validate.set_defaults(func=cmd_validate)

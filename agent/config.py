@@ -42,7 +42,22 @@ SETTINGS: dict[str, Setting] = {
     "bridge": Setting("--bridge", "HERDSMAN_BRIDGE", "host bridge for networkMode bridge (default br0)"),
     "storage_pool": Setting("--storage-pool", "HERDSMAN_STORAGE_POOL", "libvirt storage pool for volumes (default herdsman)"),
     "stop_timeout": Setting("--stop-timeout", "HERDSMAN_STOP_TIMEOUT", "seconds a guest gets to power off before it is destroyed (default 10)"),
+    "stream_listen": Setting("--stream-listen", "HERDSMAN_STREAM_LISTEN", "HOST:PORT of the console/exec/logs/proxy stream server (default 0.0.0.0:9345)"),
+    "stream_url": Setting("--stream-url", "HERDSMAN_STREAM_URL", "the URL users' clients reach the stream server at (default ws://<this host's address>:<port>)"),
+    "stream_cert": Setting("--stream-cert", "HERDSMAN_STREAM_CERT", "PEM certificate (chain) for TLS on the stream server (wss://)"),
+    "stream_key": Setting("--stream-key", "HERDSMAN_STREAM_KEY", "PEM private key of --stream-cert (default: in the certificate file)"),
+    "controller_public_key": Setting("--controller-public-key", "HERDSMAN_CONTROLLER_PUBLIC_KEY",
+                                     "PEM file, or http(s) URL fetched at start-up, of the key the controller signs stream tokens with"),
 }
+
+
+def parse_listen(listen: str) -> tuple[str | None, int]:
+    """'0.0.0.0:9345', '[::]:9345', ':9345' (every interface), '127.0.0.1:0' (a free port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r} is not HOST:PORT")
+    host = host.strip("[]")
+    return (host or None), int(port)
 
 
 class AgentConfig(BaseModel):
@@ -63,6 +78,26 @@ class AgentConfig(BaseModel):
     bridge: str = "br0"
     storage_pool: str = "herdsman"
     stop_timeout: float = Field(default=10.0, ge=0, le=3600)
+    stream_listen: str = "0.0.0.0:9345"
+    stream_url: str | None = None
+    stream_cert: Path | None = None
+    stream_key: Path | None = None
+    controller_public_key: str | None = None
+
+    @field_validator("stream_listen")
+    @classmethod
+    def _stream_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("stream_url")
+    @classmethod
+    def _stream_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return value.rstrip("/")
 
     @field_validator("url")
     @classmethod

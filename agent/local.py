@@ -1,4 +1,4 @@
-"""The local debug mode: `herdsman up/ls/start/stop/rm` without a controller.
+"""The local debug mode: `herdsman up/ls/start/stop/rm/logs` without a controller.
 
 The same handlers and driver as `herdsman run` do the work; only the events are made here
 instead of arriving over the websocket. Defaults suit a laptop: qemu:///session and folders
@@ -167,6 +167,33 @@ async def _simple(args: argparse.Namespace, action: str) -> int:
     return 0
 
 
+async def cmd_logs(args: argparse.Namespace) -> int:
+    """The VM's serial log through the real stream path (agent.streams.client.local_stream)."""
+    from websockets.exceptions import ConnectionClosed
+
+    from agent.streams.client import StreamDenied, local_stream, messages
+    from agent.streams.logs import PREFIX, LogsHandler
+
+    if args.lines < 0:
+        raise ValueError("--lines must be 0 or more")
+    async with LocalSession(local_config(args)) as session:
+        vm = await session.find(args.name)
+        payload = {"Container": vm.instance_uuid, "Lines": args.lines, "Follow": args.follow}
+        try:
+            async with local_stream(session.driver, session.config, "logs", LogsHandler(session.driver), payload) as ws:
+                async for message in messages(ws):
+                    text = message if isinstance(message, str) else message.decode(errors="replace")
+                    sys.stdout.write(text.removeprefix(PREFIX) + "\n")
+                    sys.stdout.flush()
+        except StreamDenied as exc:
+            print(f"herdsman logs: {exc.reason}", file=sys.stderr)
+            return 1
+        except ConnectionClosed as exc:
+            print(f"herdsman logs: {exc.rcvd.reason if exc.rcvd else 'connection lost'}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction, add_arguments: Any) -> None:
     def local(name: str, help_: str) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_)
@@ -188,3 +215,8 @@ def add_commands(sub: argparse._SubParsersAction, add_arguments: Any) -> None:
         if name == "stop":
             parser.add_argument("--timeout", type=int, default=None, help="seconds before the forced stop")
         parser.set_defaults(async_func=lambda a, action=name: _simple(a, action))
+    logs = local("logs", "print a VM's serial console log (through the stream server, as `run` serves it)")
+    logs.add_argument("name", help="the VM's name or uuid")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
+    logs.add_argument("--lines", "-n", type=int, default=100, help="how many of the last lines to print first (default 100)")
+    logs.set_defaults(async_func=cmd_logs)

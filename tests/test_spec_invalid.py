@@ -187,7 +187,7 @@ def test_action_defaults_follow_the_api() -> None:
     }
     assert InstanceStop.model_validate({}).to_api() == {}
     assert SetLabelsInput.model_validate({}).labels == {}
-    assert InstanceConsoleInput.model_validate({"anything": 1}).to_api() == {}
+    assert InstanceConsoleInput.model_validate({"anything": 1}).to_api() == {"kind": "serial"}
 
 
 @pytest.mark.parametrize(

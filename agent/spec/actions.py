@@ -19,8 +19,8 @@ class ContainerExec(SpecModel):
     attach_stdin: bool = True
     attach_stdout: bool = True
     command: list[Argument] = Field(min_length=1, max_length=4096)
-    #: For a VM, tty=true merges stderr into stdout (the guest agent runs the command without a
-    #: terminal either way; see the README).
+    #: For a VM, tty=true merges stderr into stdout and gives the command a terminal: a real one
+    #: when the guest has util-linux `script`, else one emulated by the agent (agent/streams/exec.py).
     tty: bool = True
 
 
@@ -39,6 +39,12 @@ class SetLabelsInput(SpecModel):
 
 
 class InstanceConsoleInput(SpecModel):
-    """The console action takes no input; a controller may add keys of its own, which are ignored."""
+    """The console action: the serial console (default) or the graphical one (noVNC).
+
+    The seed gives this input no fields; `kind` is herdsman's, and other keys a controller may
+    add are ignored.
+    """
 
     model_config = ConfigDict(extra="ignore")
+
+    kind: Literal["serial", "vnc"] = "serial"

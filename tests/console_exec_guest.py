@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import time
 import uuid as uuid_module
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import libvirt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -28,7 +26,12 @@ from agent.app import Agent
 from agent.streams.auth import Claims
 from tests.agent_harness import REPO, instance_event, running_agent, vm_instance
 from tests.controller_double import ControllerDouble
-from tests.libvirtd_fixtures import SYSTEM_URI, TEST_ROOT, system_connection
+from tests.libvirtd_fixtures import (
+    SYSTEM_URI,
+    TEST_ROOT,
+    cleanup_test_host,
+    system_connection,
+)
 from tests.test_e2e_guest import guest_manifest
 
 Handler = Callable[[ServerConnection, Claims], Awaitable[None]]
@@ -100,31 +103,9 @@ async def booted_guest(name: str) -> AsyncIterator[BootedGuest]:
         # and a connection opened before that would be tied to the previous module's closed loop.
         conn = system_connection()
         try:
-            _cleanup(conn, root, pool)
+            cleanup_test_host(conn, root, pool)
         finally:
             conn.close()
-
-
-def _cleanup(conn: libvirt.virConnect, root: Path, pool: str) -> None:
-    for dom in conn.listAllDomains(0):
-        try:
-            ours = str(root) in dom.XMLDesc(0)
-        except libvirt.libvirtError:
-            continue
-        if ours:
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    try:
-        p = conn.storagePoolLookupByName(pool)
-        for vol in p.listAllVolumes(0):
-            vol.delete(0)
-        if p.isActive():
-            p.destroy()
-        p.undefine()
-    except libvirt.libvirtError:
-        pass
-    shutil.rmtree(root, ignore_errors=True)
 
 
 class StreamServer:

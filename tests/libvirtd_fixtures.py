@@ -42,17 +42,22 @@ def host_dirs(system_conn: libvirt.virConnect) -> Iterator[dict[str, object]]:
     os.chmod(TEST_ROOT, 0o755)
     pool = f"hmtest-{token}"
     yield {"state_dir": root / "state", "log_dir": root / "log", "storage_pool": pool}
-    for dom in system_conn.listAllDomains(0):
+    cleanup_test_host(system_conn, root, pool)
+
+
+def cleanup_test_host(conn: libvirt.virConnect, root: Path, pool: str) -> None:
+    """Destroy and undefine every domain whose XML mentions `root`, delete the pool, remove `root`."""
+    for dom in conn.listAllDomains(0):
         try:
-            meta_ok = str(root) in dom.XMLDesc(0)
+            ours = str(root) in dom.XMLDesc(0)
         except libvirt.libvirtError:
             continue
-        if meta_ok:
+        if ours:
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     try:
-        p = system_conn.storagePoolLookupByName(pool)
+        p = conn.storagePoolLookupByName(pool)
         for vol in p.listAllVolumes(0):
             vol.delete(0)
         if p.isActive():

@@ -22,7 +22,12 @@ import pytest
 from agent.app import Agent
 from tests.agent_harness import instance_event, running_agent, vm_instance
 from tests.controller_double import ControllerDouble
-from tests.libvirtd_fixtures import SYSTEM_URI, TEST_ROOT, system_connection
+from tests.libvirtd_fixtures import (
+    SYSTEM_URI,
+    TEST_ROOT,
+    cleanup_test_host,
+    system_connection,
+)
 from tests.test_e2e_guest import guest_manifest, wait_for
 
 
@@ -44,26 +49,6 @@ class NetGuest:
     @property
     def stream_base(self) -> str:
         return f"ws://127.0.0.1:{self.agent.streams.port}"
-
-
-def _cleanup(conn: libvirt.virConnect, root: Path, pool: str) -> None:
-    for dom in conn.listAllDomains(0):
-        try:
-            ours = str(root) in dom.XMLDesc(0)
-        except libvirt.libvirtError:
-            continue
-        if ours:
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    with contextlib.suppress(libvirt.libvirtError):
-        p = conn.storagePoolLookupByName(pool)
-        for vol in p.listAllVolumes(0):
-            vol.delete(0)
-        if p.isActive():
-            p.destroy()
-        p.undefine()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
@@ -93,6 +78,6 @@ async def net_guest(name: str, userdata: str, *, ready_marker: str) -> AsyncIter
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn = libvirt.open(SYSTEM_URI)
-            _cleanup(conn, root, pool)
+            cleanup_test_host(conn, root, pool)
             conn.close()
         shutil.rmtree(root, ignore_errors=True)

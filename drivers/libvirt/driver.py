@@ -68,9 +68,7 @@ class LibvirtDriver:
     async def start(self) -> None:
         self._conn.add_connection_listener(self._on_connection)
         self._conn.add_lifecycle_listener(self._on_lifecycle)
-        await self._conn.start()
-        if self._conn.connected:
-            self._adopt()
+        await self._conn.start()  # the connection listener adopts on every (re)connect, the first too
         self._address_task = asyncio.create_task(self.addresses.run(self._running_domains), name="addresses")
 
     async def wait_ready(self, timeout: float) -> None:
@@ -97,8 +95,6 @@ class LibvirtDriver:
         return self._profile
 
     def _on_connection(self, up: bool) -> None:
-        if up and not self._adopted.is_set():
-            pass  # start() adopts the first connection; reconnects adopt below
         if up:
             try:
                 self._adopt()

@@ -35,21 +35,11 @@ from drivers.base import DriverError
 from drivers.libvirt.images import BaseImage, ImageCache, ImageError
 from drivers.libvirt.images_fetch import _Gzip, _Xz, display_url
 from drivers.libvirt.layout import HostLayout
+from tests.libvirtd_fixtures import needs_libvirtd
 
 MIB = 1 << 20
 
 
-def _libvirtd_up() -> bool:
-    if os.geteuid() != 0 or not os.path.exists("/run/libvirt/libvirt-sock"):
-        return False
-    try:
-        libvirt.open("qemu:///system").close()
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
-needs_libvirtd = pytest.mark.skipif(not _libvirtd_up(), reason="needs libvirtd (qemu:///system)")
 
 
 def qemu_img(*args: str) -> dict:

@@ -28,22 +28,12 @@ from drivers.libvirt.connection import (
     backoff_delay,
 )
 from drivers.libvirt.events import LifecycleEvent, event_names, to_lifecycle_event
+from tests.libvirtd_fixtures import needs_libvirtd
 
 SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _libvirtd_up() -> bool:
-    if os.geteuid() != 0 or not os.path.exists(SYSTEM_SOCKET):
-        return False
-    try:
-        libvirt.open("qemu:///system").close()
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
-needs_libvirtd = pytest.mark.skipif(not _libvirtd_up(), reason="needs libvirtd (qemu:///system)")
 
 
 # -- the lifecycle table -----------------------------------------------------------------

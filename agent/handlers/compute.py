@@ -35,11 +35,16 @@ class ComputeHandlers:
         return instance_reply(record)
 
     async def deactivate(self, event: Event) -> dict[str, Any]:
+        """Stop the VM. One that is not on this host is stopped already: answered as done, as
+        Cattle's own agents do (an error would make the controller retry the stop forever)."""
         uuid = instance_uuid(event)
         timeout = stop_timeout(event, self.default_stop_timeout)
-        if process_data(event).get("containerNoOpEvent"):
-            return instance_reply(await self.driver.get_vm(uuid))
-        return instance_reply(await self.driver.stop_vm(uuid, timeout))
+        try:
+            if process_data(event).get("containerNoOpEvent"):
+                return instance_reply(await self.driver.get_vm(uuid))
+            return instance_reply(await self.driver.stop_vm(uuid, timeout))
+        except NotFound:
+            return {}
 
     async def restart(self, event: Event) -> dict[str, Any]:
         uuid = instance_uuid(event)
@@ -73,7 +78,10 @@ class ComputeHandlers:
         uuid = target.get("id") or target.get("name")
         if not isinstance(uuid, str) or not uuid:
             raise HandlerError("data.instanceInspect.id: missing")
-        return await self.driver.inspect_vm(uuid)
+        try:
+            return await self.driver.inspect_vm(uuid)
+        except NotFound:
+            return {}  # Cattle's agents answer an empty instanceInspect for what is not there
 
     async def setlabels(self, event: Event) -> dict[str, Any]:
         record = await self.driver.set_labels(instance_uuid(event), labels_of(event))

@@ -24,6 +24,7 @@ from agent.streams.server import Handler, StreamRefused, StreamServer
 from agent.systemd import Notifier
 from drivers.base import HostEvent, NotFound, Unavailable
 from drivers.libvirt.domxml.inputs import HostPolicy
+from drivers.libvirt import threads
 from drivers.libvirt.driver import LibvirtDriver
 from drivers.libvirt.layout import HostLayout
 
@@ -34,7 +35,9 @@ def build_driver(config: AgentConfig) -> LibvirtDriver:
     layout = HostLayout(state_dir=config.state_dir, log_dir=config.log_dir, storage_pool=config.storage_pool)
     policy = HostPolicy(layout=layout, network=config.network, bridge=config.bridge,
                         vnc_secret=secret(config, "vnc"))
-    return LibvirtDriver(config.libvirt_uri, policy=policy, domain_type=config.domain_type, logger=logging.getLogger("herdsman.libvirt"))
+    threads.configure(workers=max(16, 2 * config.concurrency), timeout=config.libvirt_timeout)
+    return LibvirtDriver(config.libvirt_uri, policy=policy, domain_type=config.domain_type,
+                         logger=logging.getLogger("herdsman.libvirt"), open_timeout=min(30.0, config.libvirt_timeout))
 
 
 def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish: Publish,
@@ -70,7 +73,7 @@ def build_stream_routes(driver: LibvirtDriver, config: AgentConfig) -> dict[str,
         "console": ConsoleHandler(driver),
         "exec": ExecHandler(driver),
         "logs": LogsHandler(driver),
-        "proxy": ProxyHandler(driver, network=config.network),
+        "proxy": ProxyHandler(driver),
     }
 
 
@@ -114,9 +117,9 @@ class Agent:
         """Where users' clients reach the stream server; None while it is not running."""
         return self._stream_url if self.streams.running else None
 
-    def _stream_instance(self, instance_uuid: str) -> None:
+    async def _stream_instance(self, instance_uuid: str) -> None:
         try:
-            self.driver.domain(instance_uuid)
+            await self.driver.require_vm(instance_uuid)
         except NotFound:
             raise StreamRefused(404, f"no virtual machine {instance_uuid} on this host") from None
         except Unavailable as exc:

@@ -42,6 +42,8 @@ SETTINGS: dict[str, Setting] = {
     "bridge": Setting("--bridge", "HERDSMAN_BRIDGE", "host bridge for networkMode bridge (default br0)"),
     "storage_pool": Setting("--storage-pool", "HERDSMAN_STORAGE_POOL", "libvirt storage pool for volumes (default herdsman)"),
     "stop_timeout": Setting("--stop-timeout", "HERDSMAN_STOP_TIMEOUT", "seconds a guest gets to power off before it is destroyed (default 10)"),
+    "libvirt_timeout": Setting("--libvirt-timeout", "HERDSMAN_LIBVIRT_TIMEOUT",
+                               "seconds a libvirt call may take before it fails, connecting included (default 120)"),
     "stream_listen": Setting("--stream-listen", "HERDSMAN_STREAM_LISTEN", "HOST:PORT of the console/exec/logs/proxy stream server (default 0.0.0.0:9345)"),
     "stream_url": Setting("--stream-url", "HERDSMAN_STREAM_URL", "the URL users' clients reach the stream server at (default ws://<this host's address>:<port>)"),
     "stream_cert": Setting("--stream-cert", "HERDSMAN_STREAM_CERT", "PEM certificate (chain) for TLS on the stream server (wss://)"),
@@ -78,6 +80,7 @@ class AgentConfig(BaseModel):
     bridge: str = "br0"
     storage_pool: str = "herdsman"
     stop_timeout: float = Field(default=10.0, ge=0, le=3600)
+    libvirt_timeout: float = Field(default=120.0, ge=1, le=86400)
     stream_listen: str = "0.0.0.0:9345"
     stream_url: str | None = None
     stream_cert: Path | None = None

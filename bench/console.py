@@ -74,9 +74,14 @@ async def _direct(dom: libvirt.virDomain) -> float:
     dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
     buf = bytearray()
     marks: dict[str, float] = {}
-    done = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
 
-    def readable(st: libvirt.virStream, events: int, _opaque: object) -> None:
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def readable(st: libvirt.virStream, events: int, _opaque: object) -> None:  # libvirt's event thread
         while True:
             try:
                 data = st.recv(65536)
@@ -87,9 +92,9 @@ async def _direct(dom: libvirt.virDomain) -> float:
             buf.extend(data)  # type: ignore[arg-type]
         if "start" not in marks and START in buf:
             marks["start"] = time.monotonic()
-        if "start" in marks and buf.find(END, buf.index(START)) >= 0 and not done.done():
+        if "start" in marks and "end" not in marks and buf.find(END, buf.index(START)) >= 0:
             marks["end"] = time.monotonic()
-            done.set_result(None)
+            loop.call_soon_threadsafe(finish)
 
     stream.eventAddCallback(libvirt.VIR_STREAM_EVENT_READABLE, readable, None)
     try:
@@ -123,7 +128,7 @@ async def run(quick: bool, shared: dict[str, Any]) -> Result:
                 except AssertionError:
                     continue
         await asyncio.sleep(0.5)
-        dom = guest.driver.domain(guest.uuid)
+        dom = await guest.driver.domain(guest.uuid)
         for _ in range(rounds):
             found["agent, 1 viewer"].append(await _through_agent(guest, 1))
             found["agent, 4 viewers"].append(await _through_agent(guest, 4))

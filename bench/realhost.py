@@ -110,6 +110,7 @@ class AgentRun:
     watchdog: WatchdogListener | None = None
     started: float = 0.0
     subscribed_after: float = float("nan")
+    disconnects: int = 0
 
     @property
     def pool(self) -> str:
@@ -150,9 +151,19 @@ class AgentRun:
         if name in ("deactivate", "remove"):
             data["processData"] = {"timeout": 0}
         started = time.perf_counter()
-        reply = await self.ctl.request(f"compute.instance.{name}", data, resource_type="instanceHostMap",
-                                       resource_id=f"b-{inst['uuid'][:8]}", timeout=timeout)
+        reply = await self.send(f"compute.instance.{name}", data, resource_type="instanceHostMap",
+                                resource_id=f"b-{inst['uuid'][:8]}", timeout=timeout)
         return time.perf_counter() - started, reply
+
+    async def send(self, name: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """A request; when the agent is not subscribed (it dropped the websocket: a loop blocked
+        past the keepalive), wait for it to come back and send again, as Cattle retries."""
+        while True:
+            try:
+                return await self.ctl.request(name, data, **kwargs)
+            except RuntimeError:  # no subscriber
+                self.disconnects += 1
+                await self.ctl.wait_subscribed(timeout=300, count=len(self.ctl.subscriptions) + 1)
 
 
 def cleanup(conn: libvirt.virConnect, root: Path, pool: str) -> None:
@@ -219,8 +230,8 @@ class Pinger:
             phase = self.phase
             started = time.perf_counter()
             try:
-                reply = await self.run.ctl.request("ping", {"options": options}, resource_type="agent",
-                                                   resource_id="1", timeout=30)
+                reply = await self.run.send("ping", {"options": options}, resource_type="agent",
+                                            resource_id="1", timeout=30)
                 if reply.get("transitioning") == "error":
                     self.failures += 1
                 else:
@@ -282,6 +293,7 @@ async def pingload(quick: bool, shared: dict[str, Any]) -> Result:
         targets.append(Target(f"ping p99 while {count} VMs start", loaded.p99, 100, "ms"))
         targets.append(Target(f"watchdog gap while {count} VMs start (1 s watchdog)", wave["watchdog gap"], 1.0, "s"))
     figures["ping failures"] = str(pinger.failures)
+    figures["websocket drops"] = str(run.disconnects)
     return Result(name="pingload", ratio=worst / idle.p99 if idle.p99 else float("nan"), figures=figures,
                   targets=targets, notes=[f"overall max watchdog gap {fmt(idle_gap)} s"])
 

@@ -6,7 +6,11 @@ records. A driver owns everything host-specific: naming, storage, the seed, doma
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
 from agent.spec.vm import VirtualMachine
@@ -25,6 +29,14 @@ class NotFound(DriverError):
 
 class Unavailable(DriverError):
     """The hypervisor cannot be reached right now (the agent keeps trying to reconnect)."""
+
+
+class GuestAgentError(DriverError):
+    """A command through the guest agent failed; the message says what the guest answered."""
+
+
+class GuestAgentUnavailable(GuestAgentError):
+    """No guest agent answers in this VM (not installed, not started, or hung)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,66 @@ class Placement:
     image: dict[str, Any] | None = None  # the event's image object: url, checksum, data
 
 
+# -- streams: what the stream server gets from a driver ------------------------------------------
+
+ConsoleEndReason = Literal["slow", "taken", "gone", "closed"]
+
+
+@dataclass(frozen=True)
+class ConsoleEnded:
+    reason: ConsoleEndReason
+    message: str
+
+
+class ConsoleClosed(Exception):
+    """A viewer's console ended; ``ended`` says why (``reason``) and for whom (``message``)."""
+
+    def __init__(self, ended: ConsoleEnded) -> None:
+        super().__init__(ended.message)
+        self.ended = ended
+
+
+class ConsoleViewer(Protocol):
+    """One reader/writer of a VM's serial console, shared with other viewers."""
+
+    ended: ConsoleEnded | None
+
+    async def read(self, max_bytes: int = ..., linger: float = 0.0) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+GuestStream = Literal["stdout", "stderr"]
+
+
+class GuestCommand(Protocol):
+    """A command running in a guest whose output streams while it runs."""
+
+    argv: list[str]
+    stdin: bool
+    pty: bool
+    exit_code: int | None
+
+    def output(self) -> AsyncIterator[tuple[GuestStream, bytes]]: ...
+    async def write(self, data: bytes) -> None: ...
+    async def close_stdin(self) -> None: ...
+    async def signal(self, name: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    """Where a VM can be reached: its primary address and its managed network's subnets."""
+
+    primary: str | None
+    subnets: tuple[IpNetwork, ...] = ()
+    host_addresses: frozenset[IpAddress] = frozenset()  # the host's own addresses on them
+
+
 class Hypervisor(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -83,3 +155,12 @@ class Hypervisor(Protocol):
     async def set_labels(self, instance_uuid: str, labels: dict[str, str]) -> VmRecord: ...
     async def ensure_image(self, reference: str, checksum: str | None,
                            progress: Callable[[int, str], Any] | None = None) -> dict[str, Any]: ...
+
+    # streams
+    async def require_vm(self, instance_uuid: str) -> None: ...
+    async def guest_network(self, instance_uuid: str, *, subnets: bool = False) -> GuestNetwork: ...
+    def console_log_path(self, instance_uuid: str) -> Path | None: ...
+    async def attach_console(self, instance_uuid: str) -> ConsoleViewer: ...
+    async def open_graphics(self, instance_uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+    async def guest_exec(self, instance_uuid: str, argv: Sequence[str], *, stdin: bool,
+                         tty: bool) -> GuestCommand: ...

@@ -194,7 +194,7 @@ async def server(controller_key) -> AsyncIterator[tuple[StreamServer, Seen]]:
     seen = Seen()
     verifier = TokenVerifier(HOST, public_key=_pem_public(controller_key), local_secret=SECRET)
 
-    def check(instance: str) -> None:
+    async def check(instance: str) -> None:
         if instance not in (VM_A, VM_B):
             raise StreamRefused(404, f"no virtual machine {instance} on this host")
 

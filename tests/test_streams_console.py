@@ -84,7 +84,7 @@ async def test_boot_output_arrives_and_the_shell_answers(guest: BootedGuest, ser
 
 async def test_three_viewers_share_one_session_and_one_leaving_changes_nothing(
         guest: BootedGuest, server: StreamServer, handler: ConsoleHandler) -> None:
-    hubs = handler.hubs
+    hubs = guest.driver.streams.hubs
     async with server.connect(binary=True) as a, server.connect(binary=True) as b, server.connect() as c:
         bufs = [bytearray(), bytearray(), bytearray()]
         await type_line(a, "echo V$((1+2))X", binary=True)
@@ -166,8 +166,8 @@ async def test_a_mebibyte_arrives_complete_and_in_order_at_every_viewer(server: 
 
 async def test_a_viewer_that_does_not_read_is_dropped_and_the_others_continue(guest: BootedGuest) -> None:
     hubs = ConsoleHubs(guest.driver, viewer_budget=128 * 1024)
-    stalled = hubs.attach(guest.uuid)  # never reads
-    reader = hubs.attach(guest.uuid)
+    stalled = await hubs.attach(guest.uuid)  # never reads
+    reader = await hubs.attach(guest.uuid)
     try:
         await reader.write(b"seq 1 60000; echo D$((3+3))D\r")  # ~400 KB
         got = bytearray()
@@ -192,11 +192,14 @@ async def test_vnc_through_a_libvirt_passed_socket(guest: BootedGuest, server: S
         await ws.send(b"RFB 003.008\n")
         assert await asyncio.wait_for(ws.recv(), 10) == b"\x01\x01"  # one security type: None
     # Without skipping auth, qemu asks for the domain's VNC password (type 2, VNC authentication).
-    password_asked = ConsoleHandler(guest.driver, vnc_skip_auth=False)
-    async with StreamServer(password_asked, "console", guest.uuid) as srv, srv.connect({"kind": "vnc"}) as ws:
-        assert decode(await asyncio.wait_for(ws.recv(), 10)) == b"RFB 003.008\n"  # base64 text frames work too
-        await ws.send(base64.b64encode(b"RFB 003.008\n").decode())
-        assert decode(await asyncio.wait_for(ws.recv(), 10)) == b"\x01\x02"
+    guest.driver.streams.vnc_skip_auth = False
+    try:
+        async with server.connect({"kind": "vnc"}) as ws:
+            assert decode(await asyncio.wait_for(ws.recv(), 10)) == b"RFB 003.008\n"  # base64 text frames work too
+            await ws.send(base64.b64encode(b"RFB 003.008\n").decode())
+            assert decode(await asyncio.wait_for(ws.recv(), 10)) == b"\x01\x02"
+    finally:
+        guest.driver.streams.vnc_skip_auth = True
 
 
 async def test_bad_frames_and_kinds_are_refused(server: StreamServer) -> None:
@@ -214,7 +217,7 @@ async def test_bad_frames_and_kinds_are_refused(server: StreamServer) -> None:
 
 async def test_the_console_survives_a_reboot_and_a_restart_of_the_vm(
         guest: BootedGuest, server: StreamServer, handler: ConsoleHandler) -> None:
-    hubs = handler.hubs
+    hubs = guest.driver.streams.hubs
     async with server.connect(binary=True) as ws:
         buf = bytearray()
         await asyncio.sleep(0.5)

@@ -158,7 +158,7 @@ async def test_a_command_that_runs_too_long_is_killed(guest: BootedGuest) -> Non
     assert bytes(result.stdout) == b"started\n"
     assert result.error == "timed out after 2 s; the command was killed" and result.exit is None
     assert result.close_code == 1011 and "timed out" in result.close_reason
-    agent = GuestAgent(guest.driver.domain(guest.uuid))
+    agent = GuestAgent(await guest.driver.domain(guest.uuid))
     _, out = await agent.run(["/bin/sh", "-c", "pidof sleep || true"])
     assert out.strip() == b""  # the sleep is gone, not orphaned in the guest
     _, out = await agent.run(["/bin/sh", "-c", "ls -a /tmp"])
@@ -186,12 +186,12 @@ async def test_tty_without_a_guest_terminal_is_emulated(server: StreamServer) ->
 async def test_tty_with_util_linux_script_in_the_guest_is_a_real_terminal(guest: BootedGuest,
                                                                           server: StreamServer) -> None:
     """The guest image has no `script`; copy the host's util-linux one in (it needs only libc)."""
-    agent = GuestAgent(guest.driver.domain(guest.uuid))
+    agent = GuestAgent(await guest.driver.domain(guest.uuid))
     binary = Path("/usr/bin/script").read_bytes()
-    handle = agent.open("/usr/bin/script", "w")
+    handle = await agent.open("/usr/bin/script", "w")
     for i in range(0, len(binary), 32768):
-        agent.write(handle, binary[i:i + 32768])
-    agent.close(handle)
+        await agent.write(handle, binary[i:i + 32768])
+    await agent.close(handle)
     assert (await agent.run(["chmod", "755", "/usr/bin/script"]))[0] == 0
     try:
         tricky = "a'b $(echo no) \"c\" ;x"  # script -c takes one command line: it must arrive quoted
@@ -230,7 +230,7 @@ async def test_round_trip_of_true(guest: BootedGuest, server: StreamServer) -> N
         result = await run(server, ["true"], binary=True)
         times.append(time.monotonic() - started)
         assert result.exit == 0
-    agent = GuestAgent(guest.driver.domain(guest.uuid))
+    agent = GuestAgent(await guest.driver.domain(guest.uuid))
     direct, pings = [], []
     for _ in range(10):
         started = time.monotonic()
@@ -241,7 +241,7 @@ async def test_round_trip_of_true(guest: BootedGuest, server: StreamServer) -> N
         await process.close()
         direct.append(time.monotonic() - started)
         started = time.monotonic()
-        agent.call("guest-ping")
+        await agent.call("guest-ping")
         pings.append(time.monotonic() - started)
     print(f"\nexec `true` over a new websocket: {ms(times)}\n"
           f"exec `true` without the websocket: {ms(direct)}\none QGA call (guest-ping): {ms(pings)}")
@@ -277,10 +277,10 @@ async def test_herdsman_exec_passes_the_exit_code_through(guest: BootedGuest) ->
 
 async def test_a_guest_without_an_agent_gets_a_clear_message(guest: BootedGuest, server: StreamServer) -> None:
     """Last: it stops the guest agent."""
-    agent = GuestAgent(guest.driver.domain(guest.uuid))
-    agent.exec("/bin/sh", ["-c", "kill $(cat /run/qemu-ga.pid)"])
+    agent = GuestAgent(await guest.driver.domain(guest.uuid))
+    await agent.exec("/bin/sh", ["-c", "kill $(cat /run/qemu-ga.pid)"])
     for _ in range(50):
-        if agent.connected() is False:
+        if await agent.connected() is False:
             break
         await asyncio.sleep(0.1)
     result = await run(server, ["uname", "-r"])

@@ -315,14 +315,16 @@ def typed_on_serial_console(guest: NetGuest, line: str) -> Iterator[None]:
     """Type a line into the guest's serial shell (virDomainOpenConsole, as `virsh console`
     does). The console stays open until the block ends: closed at once, libvirtd may drop
     bytes it has not yet written to the pty."""
-    dom = guest.agent.driver.domain(guest.uuid)
-    stream = dom.connect().newStream(0)
+    conn = libvirt.open(guest.agent.driver.uri)
+    dom = conn.lookupByUUIDString(guest.uuid)
+    stream = conn.newStream(0)
     dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
     try:
         stream.send(line.encode() + b"\r")
         yield
     finally:
         stream.abort()
+        conn.close()
 
 
 @on_module_loop

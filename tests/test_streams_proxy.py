@@ -22,9 +22,9 @@ from agent.streams.client import messages, open_stream
 from agent.streams.proxy import (
     ProxyRefused,
     choose_address,
-    network_ranges,
     request_head,
 )
+from drivers.libvirt.stream_access import network_ranges
 from tests.agent_harness import instance_event
 from tests.streams_vm import NetGuest, net_guest
 
@@ -86,7 +86,7 @@ echo HTTPD-STARTED
 async def guest() -> AsyncIterator[NetGuest]:
     async with net_guest("proxy-guest", USERDATA, ready_marker="HERDSMAN-GUEST: ready") as booted:
         deadline = time.monotonic() + 60
-        while not booted.agent.driver.primary_address(booted.uuid):
+        while not (await booted.agent.driver.guest_network(booted.uuid)).primary:
             assert time.monotonic() < deadline, "the guest never got an address"
             await asyncio.sleep(0.5)
         yield booted
@@ -129,7 +129,7 @@ async def test_get_a_page_from_busybox_httpd(guest: NetGuest) -> None:
     url, token = await grant(guest, port=80)
     head, body, _ = await exchange(url, token, {"host": "guest.example", "method": "GET", "url": "http://x/index.html",
                                                 "headers": {"Accept": ["*/*"]}}, {"eof": True})
-    assert head["code"] == 200 and body == b"HELLO-FROM-GUEST-HTTPD\n"
+    assert head["code"] == 200 and body == b"HELLO-FROM-GUEST-HTTPD\n", (head, body[:300])
     assert "Content-Type" in head["headers"] or "content-type" in {k.lower() for k in head["headers"]}
     assert "Connection" not in head["headers"]  # hop-by-hop headers stay behind
 
@@ -138,7 +138,7 @@ async def test_get_a_page_from_busybox_httpd(guest: NetGuest) -> None:
 @pytest.mark.libvirtd
 @pytest.mark.guest
 async def test_a_big_response_streams_in_chunks(guest: NetGuest) -> None:
-    address = guest.agent.driver.primary_address(guest.uuid)
+    address = (await guest.agent.driver.guest_network(guest.uuid)).primary
     async with httpx.AsyncClient(trust_env=False) as client:
         direct = (await client.get(f"http://{address}/big.txt")).content
     url, token = await grant(guest)
@@ -201,7 +201,7 @@ async def test_a_closed_port_is_a_502(guest: NetGuest) -> None:
 @pytest.mark.guest
 async def test_a_token_cannot_point_the_proxy_elsewhere(guest: NetGuest) -> None:
     url = f"{guest.stream_base}/v1/container-proxy/"
-    primary = guest.agent.driver.primary_address(guest.uuid)
+    primary = (await guest.agent.driver.guest_network(guest.uuid)).primary
     head, body, _ = await exchange(url, local_token(guest, address=f"{primary}:80"), {"url": "/"}, {"eof": True})
     assert head["code"] == 200 and body == b"HELLO-FROM-GUEST-HTTPD\n"
     network = ipaddress.ip_network(f"{primary}/24", strict=False)

@@ -87,12 +87,12 @@ class StreamActions:
         self._base_url = base_url
         self.ttl = ttl
 
-    def _grant(self, event: Event, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _grant(self, event: Event, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         base = self._base_url()
         if not base:
             raise HandlerError("the stream server is not running on this host; see the agent's log")
         uuid = payload.get("Container") or payload["container"]
-        self.driver.domain(uuid)  # NotFound: no token for a VM that is not here
+        await self.driver.require_vm(uuid)  # NotFound: no token for a VM that is not here
         token = mint_local(self._secret, self.host_uuid, kind, payload, self.ttl, subject=f"event:{event.id}")
         return {"url": base.rstrip("/") + PATHS[kind], "token": token}
 
@@ -109,18 +109,18 @@ class StreamActions:
         payload: dict[str, Any] = {"container": self._uuid(event)}
         if spec.kind == "vnc":
             payload["kind"] = "vnc"
-        reply = self._grant(event, "console", payload)
+        reply = await self._grant(event, "console", payload)
         return {"kind": spec.kind, **reply}
 
     async def execute(self, event: Event) -> dict[str, Any]:
         spec: ContainerExec = _input(event, ContainerExec, "containerExec")
-        return self._grant(event, "exec", {"AttachStdin": spec.attach_stdin, "AttachStdout": spec.attach_stdout,
+        return await self._grant(event, "exec", {"AttachStdin": spec.attach_stdin, "AttachStdout": spec.attach_stdout,
                                            "Tty": spec.tty, "Cmd": list(spec.command), "Container": self._uuid(event)})
 
     async def logs(self, event: Event) -> dict[str, Any]:
         spec: ContainerLogs = _input(event, ContainerLogs, "containerLogs")
-        return self._grant(event, "logs", {"Container": self._uuid(event), "Lines": spec.lines, "Follow": spec.follow})
+        return await self._grant(event, "logs", {"Container": self._uuid(event), "Lines": spec.lines, "Follow": spec.follow})
 
     async def proxy(self, event: Event) -> dict[str, Any]:
         spec: ContainerProxy = _input(event, ContainerProxy, "containerProxy")
-        return self._grant(event, "proxy", {"Container": self._uuid(event), "port": spec.port, "scheme": spec.scheme})
+        return await self._grant(event, "proxy", {"Container": self._uuid(event), "port": spec.port, "scheme": spec.scheme})

@@ -9,18 +9,15 @@ Frames, both ways: with the ``binary`` subprotocol raw bytes in binary frames; o
 frames carrying base64 (the Rancher UI's encoding). A text frame that is not base64 closes the
 stream with 1007.
 
-Serial: every viewer of a VM shares one libvirt console session
+Serial: every viewer of a VM shares one console session held by the driver
 (drivers.libvirt.console_stream: scrollback replay, slow viewers dropped, reopened across VM
 restarts). Close codes: 1000 when the client leaves; 1008 when this viewer fell too far behind
 (reconnect to resume; the others are not affected); 1011 when the VM is gone, not running,
 libvirt is unreachable, or another client (``virsh console --force``) took the console over.
 
-VNC: ``virDomainOpenGraphicsFD`` hands the agent a socket already connected to qemu's VNC
-server, so no TCP port is involved. With ``vnc_skip_auth`` (the default) qemu skips the VNC
-password for that connection: the verified token already authorises the user, and the
-password, derived on this host, is not something a Rancher user could know. Without it, or
-when the fd cannot be had (a remote libvirt URI), the VNC server asks for the domain's
-password as usual (the TCP fallback reads the listen address and port from the live XML).
+VNC: the driver hands over a byte stream to the VM's VNC server (libvirt: a socket from
+``virDomainOpenGraphicsFD``, no TCP port involved, and the VNC password skipped: the verified
+token already authorises the user; see drivers.libvirt.stream_access).
 """
 
 from __future__ import annotations
@@ -29,23 +26,14 @@ import asyncio
 import base64
 import binascii
 import logging
-import socket
-from typing import Any
+from typing import Any, Protocol
 
-import libvirt
-from lxml import etree
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.streams.auth import Claims
 from agent.streams.server import BINARY, CLOSE_POLICY, CLOSE_UNAVAILABLE, close_with
-from drivers.base import DriverError, NotFound
-from drivers.libvirt.console_stream import (
-    ConsoleClosed,
-    ConsoleDomains,
-    ConsoleHubs,
-    ConsoleViewer,
-)
+from drivers.base import ConsoleClosed, ConsoleViewer, DriverError
 
 CLOSE_INVALID_DATA = 1007
 VNC_CHUNK = 64 * 1024
@@ -77,15 +65,20 @@ class Frames:
             raise FrameError("text frames must carry base64") from None
 
 
+class Consoles(Protocol):
+    """What the handler needs from the driver (drivers.base.Hypervisor)."""
+
+    async def attach_console(self, instance_uuid: str) -> ConsoleViewer: ...
+    async def open_graphics(self, instance_uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
 class ConsoleHandler:
     """Handler for ``console`` streams (see the module docstring)."""
 
-    def __init__(self, driver: ConsoleDomains, *, hubs: ConsoleHubs | None = None, default_kind: str = "serial",
-                 vnc_skip_auth: bool = True, logger: logging.Logger | None = None) -> None:
+    def __init__(self, driver: Consoles, *, default_kind: str = "serial",
+                 logger: logging.Logger | None = None) -> None:
         self.driver = driver
-        self.hubs = hubs or ConsoleHubs(driver, logger=logger)
         self.default_kind = default_kind
-        self.vnc_skip_auth = vnc_skip_auth
         self._log = logger or logging.getLogger("herdsman.streams.console")
 
     async def __call__(self, ws: ServerConnection, claims: Claims) -> None:
@@ -100,7 +93,7 @@ class ConsoleHandler:
     # -- serial -----------------------------------------------------------------------------------
     async def serial(self, ws: ServerConnection, instance: str) -> None:
         try:
-            viewer = self.hubs.attach(instance)
+            viewer = await self.driver.attach_console(instance)
         except DriverError as exc:
             await close_with(ws, CLOSE_UNAVAILABLE, str(exc))
             return
@@ -139,7 +132,7 @@ class ConsoleHandler:
     # -- VNC ----------------------------------------------------------------------------------------
     async def vnc(self, ws: ServerConnection, instance: str) -> None:
         try:
-            reader, writer = await self.open_vnc(instance)
+            reader, writer = await self.driver.open_graphics(instance)
         except (DriverError, OSError) as exc:
             await close_with(ws, CLOSE_UNAVAILABLE, f"VNC: {exc}")
             return
@@ -166,34 +159,6 @@ class ConsoleHandler:
         finally:
             writer.close()
         await close_with(ws, code, reason)
-
-    async def open_vnc(self, instance: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A byte stream to the VM's VNC server: a libvirt-passed socket, else TCP to its listener."""
-        dom = self.driver.domain(instance)
-        if not dom.isActive():
-            raise DriverError("the VM is not running")
-        flags = libvirt.VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH if self.vnc_skip_auth else 0
-        try:
-            fd = dom.openGraphicsFD(0, flags)
-        except libvirt.libvirtError as exc:
-            self._log.info("openGraphicsFD failed (%s); connecting over TCP", exc.get_error_message())
-            host, port = vnc_address(dom)
-            return await asyncio.open_connection(host, port)
-        return await asyncio.open_connection(sock=socket.socket(fileno=fd))
-
-
-def vnc_address(dom: libvirt.virDomain) -> tuple[str, int]:
-    """The VNC listener of a running domain from its live XML (wildcards mean loopback)."""
-    root = etree.fromstring(dom.XMLDesc(0).encode())
-    graphics = root.find("devices/graphics[@type='vnc']")
-    if graphics is None:
-        raise NotFound("this VM has no VNC display")
-    port = int(graphics.get("port", "-1"))
-    if port <= 0:
-        raise DriverError("the VM's VNC display has no TCP port")
-    listen = graphics.find("listen[@type='address']")
-    host = (listen.get("address") if listen is not None else None) or graphics.get("listen") or "127.0.0.1"
-    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), port
 
 
 async def _first_of(*coroutines: Any) -> tuple[int, str]:

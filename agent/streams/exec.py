@@ -2,8 +2,9 @@
 
 Token object (Cattle's ``containerExec``): ``{"Cmd": [...], "AttachStdin": bool,
 "AttachStdout": bool, "Tty": bool, "Container": uuid}``. The command runs as the guest
-agent's user (root on most guests) under ``/bin/sh`` with the guest agent's PATH; how its
-output is streamed is explained in drivers.libvirt.guest_agent.
+agent's user (root on most guests) under ``/bin/sh`` with the guest agent's PATH; the driver
+runs it (drivers.base.GuestCommand; how the libvirt driver streams its output is explained in
+drivers.libvirt.guest_agent).
 
 Frames, agent → client:
 
@@ -50,29 +51,23 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import libvirt
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.streams.auth import Claims
 from agent.streams.console import CLOSE_INVALID_DATA, FrameError, Frames
 from agent.streams.server import CLOSE_POLICY, CLOSE_UNAVAILABLE, close_with
-from drivers.base import DriverError
-from drivers.libvirt.guest_agent import (
-    AGENT_NOT_RUNNING,
-    GuestAgent,
-    GuestAgentError,
-    GuestAgentUnavailable,
-    GuestProcess,
-    guest_has_pty,
-)
+from drivers.base import DriverError, GuestAgentError, GuestCommand
 
 DEFAULT_TIMEOUT = 300.0
 _ERASE = b"\b \b"
 
 
-class Domains(Protocol):
-    def domain(self, instance_uuid: str) -> libvirt.virDomain: ...
+class GuestCommands(Protocol):
+    """What the handler needs from the driver (drivers.base.Hypervisor)."""
+
+    async def guest_exec(self, instance_uuid: str, argv: Sequence[str], *, stdin: bool,
+                         tty: bool) -> GuestCommand: ...
 
 
 class LineDiscipline:
@@ -201,11 +196,10 @@ def command_of(payload: dict[str, Any]) -> list[str]:
 class ExecHandler:
     """Handler for ``exec`` streams (see the module docstring)."""
 
-    def __init__(self, driver: Domains, *, timeout: float = DEFAULT_TIMEOUT, agent_timeout: int = 10,
+    def __init__(self, driver: GuestCommands, *, timeout: float = DEFAULT_TIMEOUT,
                  logger: logging.Logger | None = None) -> None:
         self.driver = driver
         self.timeout = timeout
-        self.agent_timeout = agent_timeout
         self._log = logger or logging.getLogger("herdsman.streams.exec")
 
     async def __call__(self, ws: ServerConnection, claims: Claims) -> None:
@@ -227,22 +221,11 @@ class ExecHandler:
         out.translate = discipline is not None
         await self._run(ws, out, process, discipline)
 
-    async def start(self, instance: str, cmd: Sequence[str], *, stdin: bool, tty: bool) -> GuestProcess:
+    async def start(self, instance: str, cmd: Sequence[str], *, stdin: bool, tty: bool) -> GuestCommand:
         """Start ``cmd`` in the VM (raises DriverError / GuestAgentError with a user's message)."""
-        agent = GuestAgent(self.driver.domain(instance), timeout=self.agent_timeout)
-        try:
-            if not agent.dom.isActive():
-                raise DriverError("the VM is not running")
-            if agent.connected() is False:
-                raise GuestAgentUnavailable(AGENT_NOT_RUNNING)
-        except libvirt.libvirtError as exc:
-            raise DriverError(f"libvirt: {exc.get_error_message() or exc}") from None
-        pty = tty and await guest_has_pty(agent)
-        process = GuestProcess(agent, cmd, stdin=stdin, merge_stderr=tty, pty=pty)
-        await process.start()
-        return process
+        return await self.driver.guest_exec(instance, cmd, stdin=stdin, tty=tty)
 
-    async def _run(self, ws: ServerConnection, out: _Output, process: GuestProcess,
+    async def _run(self, ws: ServerConnection, out: _Output, process: GuestCommand,
                    discipline: LineDiscipline | None) -> None:
         pump = asyncio.ensure_future(self._pump(out, process))
         feeder = asyncio.ensure_future(self._feed(ws, out, process, discipline))
@@ -252,12 +235,12 @@ class ExecHandler:
             if pump in done:
                 pump.result()
             elif feeder in done:  # the client went away (the feeder reads until the close)
-                process.signal("HUP")  # as a terminal hangup would
+                await process.signal("HUP")  # as a terminal hangup would
             else:
                 failure = (CLOSE_UNAVAILABLE, f"timed out after {self.timeout:g} s; the command was killed")
-                process.signal("KILL")
+                await process.signal("KILL")
         except ConnectionClosed:
-            process.signal("HUP")
+            await process.signal("HUP")
         except GuestAgentError as exc:
             failure = (CLOSE_UNAVAILABLE, str(exc))
         finally:
@@ -272,12 +255,12 @@ class ExecHandler:
             await out.finish(process.exit_code)
 
     @staticmethod
-    async def _pump(out: _Output, process: GuestProcess) -> None:
+    async def _pump(out: _Output, process: GuestCommand) -> None:
         async for stream, data in process.output():
             await out.data(stream, data)
 
     @staticmethod
-    async def _feed(ws: ServerConnection, out: _Output, process: GuestProcess,
+    async def _feed(ws: ServerConnection, out: _Output, process: GuestCommand,
                     discipline: LineDiscipline | None) -> None:
         """Client frames → the command's stdin (through the line discipline for an emulated TTY).
 
@@ -287,7 +270,7 @@ class ExecHandler:
             async for message in ws:
                 if isinstance(message, str) and message.startswith((":resizeTTY:", "{")):
                     if process.stdin and _is_eof(message):
-                        process.close_stdin()
+                        await process.close_stdin()
                     continue
                 data = Frames.decode(message)
                 if not process.stdin:
@@ -301,9 +284,9 @@ class ExecHandler:
                     elif action == "input":
                         await process.write(payload)
                     elif action == "eof":
-                        process.close_stdin()
+                        await process.close_stdin()
                     elif action == "signal":
-                        process.signal(payload.decode())
+                        await process.signal(payload.decode())
         except FrameError as exc:
             await close_with(ws, CLOSE_INVALID_DATA, str(exc))
         except ConnectionClosed:

@@ -49,11 +49,11 @@ DEFAULT_LINES = 100
 
 
 class LogSource(Protocol):
-    """What the handler needs from the driver (drivers.libvirt.driver.LibvirtDriver has it)."""
+    """What the handler needs from the driver (drivers.base.Hypervisor)."""
 
-    def console_log_path(self, instance_uuid: str) -> Path: ...
+    def console_log_path(self, instance_uuid: str) -> Path | None: ...
 
-    def domain(self, instance_uuid: str) -> Any: ...
+    async def require_vm(self, instance_uuid: str) -> None: ...
 
 
 def rotated_files(path: Path) -> list[Path]:
@@ -288,11 +288,14 @@ class LogsHandler:
             await close_with(ws, CLOSE_POLICY, f"logs: {exc}")
             return
         try:
-            self.driver.domain(claims.instance)
+            await self.driver.require_vm(claims.instance)
         except DriverError as exc:  # not on this host, libvirt away: the reason goes to the client
             await close_with(ws, CLOSE_UNAVAILABLE, str(exc))
             return
         path = self.driver.console_log_path(claims.instance)
+        if path is None:
+            await close_with(ws, CLOSE_UNAVAILABLE, "this VM keeps no serial log (its logConfig driver is none)")
+            return
         reader = asyncio.create_task(_drain_client(ws))
         streamer = asyncio.create_task(self._stream(ws, claims.instance, path, count, follow))
         try:
@@ -348,7 +351,7 @@ class LogsHandler:
             if path.exists():
                 continue
             try:
-                self.driver.domain(instance)
+                await self.driver.require_vm(instance)
             except NotFound:
                 return
             except Exception:  # libvirt away for a moment: keep following

@@ -33,8 +33,7 @@ import json
 import logging
 import re
 import ssl
-import xml.etree.ElementTree as ElementTree
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -50,10 +49,8 @@ from agent.streams.server import (
     CLOSE_UNAVAILABLE,
     close_with,
 )
-from drivers.base import DriverError
+from drivers.base import DriverError, GuestNetwork, IpAddress, IpNetwork
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CHUNK = 32 * 1024
 #: Hop-by-hop headers (RFC 9110 §7.6.1) never cross a proxy; Host is set from the message.
@@ -68,11 +65,9 @@ class ProxyRefused(Exception):
 
 
 class ProxySource(Protocol):
-    """What the handler needs from the driver (LibvirtDriver has both)."""
+    """What the handler needs from the driver (drivers.base.Hypervisor)."""
 
-    def primary_address(self, instance_uuid: str) -> str | None: ...
-
-    def domain(self, instance_uuid: str) -> Any: ...
+    async def guest_network(self, instance_uuid: str, *, subnets: bool = False) -> GuestNetwork: ...
 
 
 @dataclass(frozen=True)
@@ -109,23 +104,8 @@ def split_address(text: str) -> tuple[str, int | None]:
     return host, int(port)
 
 
-def network_ranges(network_xml: str) -> tuple[list[IpNetwork], set[IpAddress]]:
-    """The subnets of a libvirt network and the host's own addresses on them."""
-    root = ElementTree.fromstring(network_xml)
-    ranges: list[IpNetwork] = []
-    hosts: set[IpAddress] = set()
-    for ip in root.findall("ip"):
-        address = ip.get("address")
-        if not address:
-            continue
-        mask = ip.get("prefix") or ip.get("netmask")
-        ranges.append(ipaddress.ip_network(f"{address}/{mask}" if mask else address, strict=False))
-        hosts.add(ipaddress.ip_address(address))
-    return ranges, hosts
-
-
-def choose_address(requested: str | None, primary: str | None, ranges: list[IpNetwork],
-                   host_addresses: set[IpAddress]) -> str:
+def choose_address(requested: str | None, primary: str | None, ranges: Sequence[IpNetwork],
+                   host_addresses: Set[IpAddress]) -> str:
     """Apply the rule in the module docstring; ProxyRefused says why a request is refused."""
     if requested is None or requested == primary:
         if primary is None:
@@ -207,24 +187,14 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
 class ProxyHandler:
     """Stream handler for kind "proxy"."""
 
-    def __init__(self, driver: ProxySource, *, network: str | None = None, connect_timeout: float = 10.0,
+    def __init__(self, driver: ProxySource, *, connect_timeout: float = 10.0,
                  read_timeout: float = 300.0, logger: logging.Logger | None = None) -> None:
         self.driver = driver
-        self.network = network
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._log = logger or logging.getLogger("herdsman.streams.proxy")
 
-    def _managed_ranges(self, domain: Any) -> tuple[list[IpNetwork], set[IpAddress]]:
-        if not self.network or domain is None:
-            return [], set()
-        try:
-            return network_ranges(domain.connect().networkLookupByName(self.network).XMLDesc(0))
-        except Exception as exc:  # no such network, libvirt away: only the primary address is allowed
-            self._log.debug("managed network unknown", extra={"network": self.network, "error": str(exc)})
-            return [], set()
-
-    def target(self, claims: Claims) -> Target:
+    async def target(self, claims: Claims) -> Target:
         payload = claims.payload
         scheme = payload.get("scheme") or "http"
         if scheme not in ("http", "https"):
@@ -240,14 +210,16 @@ class ProxyHandler:
                 port = int(port)
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                 raise ProxyRefused(f"port {port!r} is not a port number")
-        domain = self.driver.domain(claims.instance)
-        primary = self.driver.primary_address(claims.instance)
-        ranges, hosts = self._managed_ranges(domain) if requested not in (None, primary) else ([], set())
-        return Target(choose_address(requested, primary, ranges, hosts), port, scheme)
+        primary = (await self.driver.guest_network(claims.instance)).primary
+        if requested in (None, primary):
+            return Target(choose_address(requested, primary, (), frozenset()), port, scheme)
+        network = await self.driver.guest_network(claims.instance, subnets=True)
+        return Target(choose_address(requested, network.primary, network.subnets, network.host_addresses),
+                      port, scheme)
 
     async def __call__(self, ws: ServerConnection, claims: Claims) -> None:
         try:
-            target = self.target(claims)
+            target = await self.target(claims)
         except ProxyRefused as exc:
             await close_with(ws, CLOSE_POLICY, str(exc))
             return

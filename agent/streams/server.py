@@ -49,7 +49,7 @@ _WS_LOG.addFilter(lambda record: record.levelno >= logging.INFO)
 
 Handler = Callable[[ServerConnection, Claims], Awaitable[None]]
 #: Raises StreamRefused when the instance cannot be streamed (unknown VM, libvirt away).
-InstanceCheck = Callable[[str], None]
+InstanceCheck = Callable[[str], Awaitable[None]]
 
 PATHS: dict[str, str] = {
     "console": "/v1/console/",
@@ -180,7 +180,7 @@ class StreamServer:
             response.headers["WWW-Authenticate"] = 'Bearer realm="herdsman"'
         return response
 
-    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         parts = urlsplit(request.path)
         route = route_of(parts.path)
         if route is None or route[0] not in self.routes:
@@ -192,7 +192,7 @@ class StreamServer:
             if named is not None and _canonical(named) != claims.instance:
                 raise AuthError(403, f"token is for instance {claims.instance}, not {named}")
             if self.instance_check is not None:
-                self.instance_check(claims.instance)
+                await self.instance_check(claims.instance)
         except (AuthError, StreamRefused) as exc:
             return self._refuse(connection, exc.status, exc.reason, parts.path)
         self._claims[connection] = claims

@@ -14,9 +14,11 @@ from typing import Callable, Iterable
 
 import libvirt
 
-#: Only libvirt's own DHCP leases: a guest-agent query is answered by the guest, and libvirt
-#: calls run on the event loop thread, so a guest slow to answer (booting under TCG) would stall
-#: the agent. VMs on host bridges (no libvirt DHCP) therefore report no address yet.
+from drivers.libvirt import threads
+
+#: Only libvirt's own DHCP leases: a guest-agent query is answered by the guest, slowly while it
+#: boots under TCG, and each would hold a libvirt worker thread meanwhile. VMs on host bridges
+#: (no libvirt DHCP) therefore report no address yet.
 LEASES = (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,)
 
 
@@ -65,6 +67,7 @@ class AddressBook:
         self._known.pop(uuid, None)
 
     def refresh(self, dom: libvirt.virDomain) -> str | None:
+        """Blocking (a worker thread's job): look the address up now."""
         address = lookup(dom, self.sources) if dom.isActive() else None
         self._known[dom.UUIDString()] = (address, time.monotonic())
         return address
@@ -81,11 +84,11 @@ class AddressBook:
         return (unknown + stale)[: self.per_tick]
 
     async def run(self, running: Callable[[], list[libvirt.virDomain]]) -> None:
-        """Forever: look up the addresses of a few running VMs per tick."""
+        """Forever: look up the addresses of a few running VMs per tick (``running`` blocks)."""
         while True:
             await asyncio.sleep(self.interval)
             try:
-                domains = {d.UUIDString(): d for d in running()}
+                domains = {d.UUIDString(): d for d in await threads.call(running)}
             except Exception as exc:  # libvirt away: try again next tick
                 self._log.debug("address refresh skipped", extra={"error": str(exc)})
                 continue
@@ -94,7 +97,6 @@ class AddressBook:
                     self._known.pop(uuid)
             for uuid in self._due(domains):
                 try:
-                    self.refresh(domains[uuid])
-                except libvirt.libvirtError:
+                    await threads.call(self.refresh, domains[uuid])
+                except (libvirt.libvirtError, threads.LibvirtTimeout):
                     continue
-                await asyncio.sleep(0)

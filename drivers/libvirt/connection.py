@@ -1,16 +1,19 @@
-"""One supervised libvirt connection whose events are dispatched on the asyncio loop.
+"""One supervised libvirt connection whose events reach the asyncio loop.
 
 Lessons this module encodes:
 
 - libvirt only delivers events, keepalives and close notices while an event loop
-  implementation runs (CloudStack PR #8437 registered one and never ran it). libvirtaio runs
-  it on the agent's asyncio loop: no thread per VM, no polling.
+  implementation runs (CloudStack PR #8437 registered one and never ran it). It runs on a
+  thread of its own (drivers.libvirt.threads); callbacks hand their work to the asyncio loop.
 - After a reconnect the domain event callbacks must be registered again on the new
   connection, or events silently stop (KubeVirt #194). Every (re)open goes through one
   function that registers everything.
 - A lost daemon is noticed by libvirt's close callback (EOF, keepalive timeout, error) and by
   ``isAlive()`` on use; the connection is then reopened with capped exponential backoff and
   jitter, so a fleet of agents does not hammer a restarting libvirtd in lock step.
+- ``libvirt.open`` has no timeout: a daemon that accepts and never answers would block the
+  caller for good. The open runs on a worker thread with a timeout; a connection that arrives
+  after its caller gave up is closed at once.
 
 Events that happen while disconnected are lost: connection listeners get ``True`` after every
 (re)connect, which is the signal to resynchronise state from the domains themselves.
@@ -19,15 +22,16 @@ Events that happen while disconnected are lost: connection listeners get ``True`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import libvirt
-import libvirtaio
 
+from drivers.libvirt import threads
 from drivers.libvirt.events import LifecycleEvent, to_lifecycle_event
 
 LifecycleListener = Callable[[LifecycleEvent], None]
@@ -50,89 +54,6 @@ class LibvirtUnavailable(RuntimeError):
         self.reason = reason
 
 
-class _EventLoopBinding:
-    """Routes libvirt's event callbacks to a libvirtaio implementation on the running loop.
-
-    libvirt accepts exactly one event implementation per process, for good
-    (``virEventRegisterImpl`` refuses a second one). An agent has one loop, but test suites
-    run a fresh loop per test, and an implementation bound to a closed loop would never
-    dispatch again. So the process registers these small trampolines once, and they forward
-    to a libvirtaio implementation for the current loop. Each handle/timer stays with the
-    implementation that created it, so rebinding never moves live callbacks between loops.
-    """
-
-    def __init__(self) -> None:
-        self.impl: libvirtaio.virEventAsyncIOImpl | None = None
-        self._owner: dict[int, libvirtaio.virEventAsyncIOImpl] = {}
-        self._registered = False
-
-    def bind(self, loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
-        old = self.impl
-        if old is not None and old.loop is loop:
-            return
-        if old is not None and old.loop.is_running():
-            raise RuntimeError("libvirt events are already dispatched on another running event "
-                               "loop; a process can serve only one")
-        if old is not None and not old.is_idle():
-            log.warning("libvirt callbacks left on a finished event loop (connections not "
-                        "closed?): %r", old)
-        self.impl = libvirtaio.virEventAsyncIOImpl(loop=loop)
-        if not self._registered:
-            # Errors arrive as exceptions; without a handler libvirt also prints each to stderr.
-            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-            libvirt.virEventRegisterImpl(self._add_handle, self._update_handle,
-                                         self._remove_handle, self._add_timeout,
-                                         self._update_timeout, self._remove_timeout)
-            self._registered = True
-
-    def _current(self) -> libvirtaio.virEventAsyncIOImpl:
-        if self.impl is None:  # cannot happen: bind() runs before any connection is opened
-            raise RuntimeError("libvirt event implementation used before it was bound")
-        return self.impl
-
-    def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
-        impl = self._current()
-        iden = impl._add_handle(fd, event, cb, opaque)
-        self._owner[iden] = impl
-        return iden
-
-    def _add_timeout(self, timeout: int, cb: Any, opaque: Any) -> int:
-        impl = self._current()
-        iden = impl._add_timeout(timeout, cb, opaque)
-        self._owner[iden] = impl
-        return iden
-
-    def _update_handle(self, watch: int, event: int) -> None:
-        impl = self._owner.get(watch)
-        if impl is not None and not impl.loop.is_closed():
-            impl._update_handle(watch, event)
-
-    def _update_timeout(self, timer: int, timeout: int) -> None:
-        impl = self._owner.get(timer)
-        if impl is not None and not impl.loop.is_closed():
-            impl._update_timeout(timer, timeout)
-
-    def _remove(self, iden: int, remove: Callable[[libvirtaio.virEventAsyncIOImpl], int]) -> int:
-        impl = self._owner.pop(iden, None)
-        if impl is None:
-            return -1
-        if impl.loop.is_closed():
-            # Its loop can no longer run the free callback; dropping it leaks one small
-            # libvirt object, which beats raising inside libvirt.
-            impl.callbacks.pop(iden, None)
-            return 0
-        return remove(impl)
-
-    def _remove_handle(self, watch: int) -> int:
-        return self._remove(watch, lambda impl: impl._remove_handle(watch))
-
-    def _remove_timeout(self, timer: int) -> int:
-        return self._remove(timer, lambda impl: impl._remove_timeout(timer))
-
-
-_binding = _EventLoopBinding()
-
-
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
     """Delay before reconnect attempt ``attempt`` (0-based): doubling, capped, "equal jitter".
 
@@ -146,14 +67,16 @@ def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) 
 class LibvirtConnection:
     """A libvirt connection that reopens itself and keeps its lifecycle callback registered.
 
-    Blocking libvirt calls run on the loop thread (libvirtaio is not thread-safe); libvirt has
-    no open timeout, so a daemon that accepts but never answers would stall ``start``.
+    Listeners are called on the asyncio loop. ``get()`` hands out the connection for calls,
+    which callers make through :func:`drivers.libvirt.threads.call`, never on the loop.
     """
 
     def __init__(self, uri: str, *, backoff_initial: float = 0.5, backoff_cap: float = 30.0,
-                 keepalive_interval: int = 5, keepalive_count: int = 3,
+                 keepalive_interval: int = 5, keepalive_count: int = 3, open_timeout: float = 30.0,
                  logger: logging.Logger | None = None) -> None:
         self.uri = uri
+        self.open_timeout = open_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._backoff_initial = backoff_initial
         self._backoff_cap = backoff_cap
         self._keepalive = (keepalive_interval, keepalive_count)
@@ -179,10 +102,11 @@ class LibvirtConnection:
         Returns even when libvirt is not there yet: the supervisor keeps retrying. Calling it
         again is harmless; a closed connection stays closed.
         """
-        _binding.bind(asyncio.get_running_loop(), self._log)
+        threads.start_event_thread()
         if self._task is not None or self._closed:
             return
-        self._try_open()
+        self._loop = asyncio.get_running_loop()
+        await self._try_open()
         self._task = asyncio.create_task(self._supervise(), name=f"libvirt-connection {self.uri}")
 
     async def wait_connected(self, timeout: float) -> None:
@@ -224,11 +148,8 @@ class LibvirtConnection:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._teardown()
+        await self._teardown()
         self._reason = "connection closed"
-        # libvirtaio frees removed handles/timers from callbacks it schedules on the loop.
-        for _ in range(3):
-            await asyncio.sleep(0)
 
     # -- supervision ----------------------------------------------------------------------
 
@@ -240,14 +161,14 @@ class LibvirtConnection:
                     await asyncio.sleep(backoff_delay(attempt, self._backoff_initial,
                                                       self._backoff_cap, self._rng))
                     attempt += 1
-                    if not self._try_open(loud=attempt == 1):
+                    if not await self._try_open(loud=attempt == 1):
                         continue
                 attempt = 0
                 await self._lost.wait()
                 self._lost.clear()
                 dead, self._dead = self._dead, None
                 if dead is not None:
-                    self._drop(dead)
+                    await self._drop(dead)
                 self._log.warning("libvirt at %s lost: %s; reconnecting", self.uri, self._reason)
                 self._notify(False)
             except asyncio.CancelledError:
@@ -256,21 +177,26 @@ class LibvirtConnection:
                 self._log.exception("libvirt connection supervisor for %s", self.uri)
                 await asyncio.sleep(self._backoff_cap)
 
-    def _try_open(self, loud: bool = True) -> bool:
+    async def _try_open(self, loud: bool = True) -> bool:
         """Open and fully register a connection; on failure remember why and return False."""
+        opening = _Opening(self.uri)
         try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as e:
+            conn = await threads.call(opening.open, timeout=self.open_timeout, what=f"open {self.uri}")
+        except (libvirt.libvirtError, threads.LibvirtTimeout) as e:
+            opening.abandon()
             self._reason = str(e).strip() or "open failed"
             self._log.log(logging.WARNING if loud else logging.DEBUG,
                           "libvirt at %s unavailable, retrying: %s", self.uri, self._reason)
             return False
         try:
-            self._register(conn)
-        except libvirt.libvirtError as e:
+            await threads.call(self._register, conn, timeout=self.open_timeout)
+        except (libvirt.libvirtError, threads.LibvirtTimeout) as e:
             self._reason = f"registering callbacks failed: {e}"
             self._log.warning("libvirt at %s: %s", self.uri, self._reason)
-            self._drop(conn)
+            await self._drop(conn)
+            return False
+        if self._closed:  # close() ran while we were opening
+            await self._drop(conn)
             return False
         self._conn = conn
         self._up.set()
@@ -291,17 +217,23 @@ class LibvirtConnection:
         self._callback_id = conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
 
-    def _teardown(self) -> None:
+    async def _teardown(self) -> None:
         conn, self._conn = self._conn, None
         dead, self._dead = self._dead, None
         self._up.clear()
         for c in (conn, dead):
             if c is not None:
-                self._drop(c)
+                await self._drop(c)
 
-    def _drop(self, conn: libvirt.virConnect) -> None:
-        """Deregister and close; on a dead connection some of this fails, which is fine."""
+    async def _drop(self, conn: libvirt.virConnect) -> None:
+        """Deregister and close (on a worker thread, with a short timeout: it may be dead)."""
         callback_id, self._callback_id = self._callback_id, None
+        try:
+            await threads.call(self._drop_now, conn, callback_id, timeout=10, what=f"close {self.uri}")
+        except threads.LibvirtTimeout as e:
+            self._log.debug("libvirt cleanup on %s: %s", self.uri, e)
+
+    def _drop_now(self, conn: libvirt.virConnect, callback_id: int | None) -> None:
         steps: list[Callable[[], object]] = [conn.unregisterCloseCallback, conn.close]
         if callback_id is not None:
             steps.insert(0, lambda: conn.domainEventDeregisterAny(callback_id))
@@ -320,17 +252,25 @@ class LibvirtConnection:
         self._up.clear()
         self._lost.set()
 
-    # -- libvirt callbacks (run on the loop thread by libvirtaio) -------------------------
+    # -- libvirt callbacks: on libvirt's event thread, handed to the loop -----------------
 
     def _on_close(self, conn: libvirt.virConnect, reason: int, opaque: object) -> None:
+        if self._loop is not None:
+            threads.on_loop(self._loop, self._closed_by_libvirt, conn, reason)
+
+    def _closed_by_libvirt(self, conn: libvirt.virConnect, reason: int) -> None:
         if conn is self._conn:  # not a stale connection that is being cleaned up
             self._mark_lost(_CLOSE_REASONS.get(reason, f"closed (reason {reason})"))
 
     def _on_lifecycle(self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int,
                       detail: int, opaque: object) -> None:
-        uuid = dom.UUIDString()
-        ev = to_lifecycle_event(uuid, dom.name(), event, detail, time.time(),
-                                after_crash=uuid in self._crashed)
+        # name and uuid are kept in the domain object: no call to the daemon here
+        if self._loop is not None:
+            threads.on_loop(self._loop, self._dispatch_lifecycle, dom.UUIDString(), dom.name(),
+                            event, detail, time.time())
+
+    def _dispatch_lifecycle(self, uuid: str, name: str, event: int, detail: int, when: float) -> None:
+        ev = to_lifecycle_event(uuid, name, event, detail, when, after_crash=uuid in self._crashed)
         if ev.event == "crashed":
             self._crashed.add(uuid)
         else:
@@ -347,3 +287,25 @@ class LibvirtConnection:
                 cb(up)
             except Exception:  # noqa: BLE001 - one broken listener must not starve the rest
                 self._log.exception("connection listener failed (connected=%s)", up)
+
+
+class _Opening:
+    """One ``libvirt.open`` on a worker thread; closes its connection if nobody waits any more."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def open(self) -> libvirt.virConnect:
+        conn = libvirt.open(self.uri)
+        with self._lock:
+            if not self._abandoned:
+                return conn
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+        raise libvirt.libvirtError(f"connection to {self.uri} arrived after its caller gave up")
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True

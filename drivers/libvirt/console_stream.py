@@ -24,8 +24,10 @@ Policy, and why:
   A guest reboot inside the same qemu does not end the stream at all.
 - The hub closes its libvirt stream as soon as its last viewer leaves.
 
-Everything here runs on the event loop thread: libvirt stream callbacks are dispatched there by
-libvirtaio, and libvirt calls must not be made from other threads.
+Threads: the hub's state lives on the asyncio loop. libvirt calls the stream callback on its
+event thread (drivers.libvirt.threads), which drains what the stream holds (non-blocking) and
+hands the bytes to the loop; opening and closing a console are daemon round trips and run on
+libvirt worker threads.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import libvirt
 
-from drivers.base import DriverError, NotFound, Unavailable
+from drivers.base import ConsoleClosed, ConsoleEnded, DriverError, NotFound, Unavailable
+from drivers.libvirt import threads
 
 SCROLLBACK_BYTES = 64 * 1024
 VIEWER_BUDGET_BYTES = 1024 * 1024
@@ -49,29 +51,13 @@ READ_CHUNK = 64 * 1024
 _REOPEN_MAX_DELAY = 1.0
 _EVENTS_READ = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
 
-EndReason = Literal["slow", "taken", "gone", "closed"]
-
 
 class ConsoleDomains(Protocol):
     """What the hub needs from the driver (LibvirtDriver provides both)."""
 
-    def domain(self, instance_uuid: str) -> libvirt.virDomain: ...
+    async def domain(self, instance_uuid: str) -> libvirt.virDomain: ...
 
-    def console_log_path(self, instance_uuid: str) -> Path: ...
-
-
-@dataclass(frozen=True)
-class ConsoleEnded:
-    reason: EndReason
-    message: str
-
-
-class ConsoleClosed(Exception):
-    """A viewer's console ended; ``ended`` says why (``reason``) and for whom (``message``)."""
-
-    def __init__(self, ended: ConsoleEnded) -> None:
-        super().__init__(ended.message)
-        self.ended = ended
+    def console_log_path(self, instance_uuid: str) -> Path | None: ...
 
 
 class ConsoleViewer:
@@ -175,16 +161,18 @@ class ConsoleHub:
         self._domain_id = -1
         self._recovery: asyncio.Task[None] | None = None
         self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self._cleanups: set[asyncio.Task[None]] = set()
         self.reopened = 0  # how many times the libvirt stream was reopened (for tests and logs)
 
     # -- viewers ------------------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
         """Prime the scrollback from the serial log and open the console (raises DriverError)."""
-        self._prime_history()
-        dom = self._domains.domain(self.instance_uuid)
-        if not dom.isActive():
+        await asyncio.to_thread(self._prime_history)
+        dom = await self._domains.domain(self.instance_uuid)
+        if not await threads.call(dom.isActive):
             raise DriverError("the VM is not running; its console opens once it is started")
-        self._open(dom, force=True)
+        await self._open(dom, force=True)
 
     def attach(self) -> ConsoleViewer:
         viewer = ConsoleViewer(self, self._viewer_budget)
@@ -252,6 +240,8 @@ class ConsoleHub:
     def _prime_history(self) -> None:
         try:
             path = self._domains.console_log_path(self.instance_uuid)
+            if path is None:
+                raise OSError("no serial log")
             with open(path, "rb") as f:
                 size = f.seek(0, 2)
                 f.seek(max(0, size - self._scrollback_limit))
@@ -259,9 +249,18 @@ class ConsoleHub:
         except (OSError, AttributeError):
             self._history = bytearray()  # no log (logConfig none) or not readable: start empty
 
-    def _open(self, dom: libvirt.virDomain, *, force: bool) -> None:
-        conn = dom.connect()
-        stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+    async def _open(self, dom: libvirt.virDomain, *, force: bool) -> None:
+        stream, domain_id = await threads.call(self._open_stream, dom, force, what="openConsole")
+        if self._closed:  # the last viewer left while the console was opening
+            self._discard(stream, abort=True)
+            return
+        self._stream, self._stream_events = stream, _EVENTS_READ
+        self._domain_id = domain_id
+        self._flush()
+
+    def _open_stream(self, dom: libvirt.virDomain, force: bool) -> tuple[libvirt.virStream, int]:
+        """On a worker thread: a non-blocking stream on the domain's console, watched."""
+        stream = dom.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
         try:
             dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else 0)
             stream.eventAddCallback(_EVENTS_READ, self._on_event, None)
@@ -271,9 +270,7 @@ class ConsoleHub:
             except libvirt.libvirtError:
                 pass
             raise
-        self._stream, self._stream_events = stream, _EVENTS_READ
-        self._domain_id = dom.ID()
-        self._flush()
+        return stream, dom.ID()
 
     def _watch(self, *, writable: bool) -> None:
         events = _EVENTS_READ | (libvirt.VIR_STREAM_EVENT_WRITABLE if writable else 0)
@@ -285,28 +282,43 @@ class ConsoleHub:
                 self._stream_ended(f"event update failed: {exc}")
 
     def _on_event(self, stream: libvirt.virStream, events: int, _opaque: object) -> None:
-        if stream is not self._stream:
-            return
-        if events & libvirt.VIR_STREAM_EVENT_WRITABLE:
-            self._flush()
-            if stream is not self._stream:
-                return
+        """On libvirt's event thread: drain the stream without blocking, hand it to the loop."""
+        writable = bool(events & libvirt.VIR_STREAM_EVENT_WRITABLE)
+        if writable:  # level-triggered: stop watching until the loop has flushed and re-armed
+            try:
+                stream.eventUpdateCallback(_EVENTS_READ)
+            except libvirt.libvirtError:
+                pass
+        chunks: list[bytes] = []
+        why: str | None = None
         while True:
             try:
                 data = stream.recv(READ_CHUNK)
             except libvirt.libvirtError as exc:
-                self._stream_ended(f"console stream failed: {exc}")
-                return
+                why = f"console stream failed: {exc}"
+                break
             if data == -2:
                 break
             if not data:
-                self._stream_ended("console stream ended (end of file)")
-                return
+                why = "console stream ended (end of file)"
+                break
+            chunks.append(data)
+        if why is None and events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
+            why = "console stream hung up"
+        threads.on_loop(self._loop, self._deliver, stream, chunks, writable, why)
+
+    def _deliver(self, stream: libvirt.virStream, chunks: list[bytes], writable: bool, why: str | None) -> None:
+        if stream is not self._stream:
+            return
+        if writable:
+            self._stream_events = _EVENTS_READ  # as the event thread left it
+            self._flush()
+        for data in chunks:
             self._publish(data)
             if stream is not self._stream:  # the last viewer was dropped: the hub closed
                 return
-        if events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
-            self._stream_ended("console stream hung up")
+        if why is not None:
+            self._stream_ended(why)
 
     def _publish(self, data: bytes) -> None:
         self._history.extend(data)
@@ -320,21 +332,34 @@ class ConsoleHub:
 
     def _close_stream(self, *, abort: bool) -> None:
         stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        for step in (stream.eventRemoveCallback, stream.abort if abort else stream.finish):
+        if stream is not None:
+            self._discard(stream, abort=abort)
+
+    def _discard(self, stream: libvirt.virStream, *, abort: bool) -> None:
+        """Stop watching and end the stream: a daemon round trip, so on a worker thread."""
+        def end() -> None:
+            for step in (stream.eventRemoveCallback, stream.abort if abort else stream.finish):
+                try:
+                    step()
+                except libvirt.libvirtError:
+                    pass
+
+        async def cleanup() -> None:
             try:
-                step()
-            except libvirt.libvirtError:
-                pass
+                await threads.call(end, timeout=30, what="closing a console stream")
+            except DriverError as exc:
+                self._log.debug("console of %s: %s", self.instance_uuid, exc)
+
+        task = self._loop.create_task(cleanup())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def _stream_ended(self, why: str) -> None:
         self._close_stream(abort=True)
         if self._closed or self._recovery is not None:
             return
         self._log.info("console of %s: %s; reopening", self.instance_uuid, why)
-        self._recovery = asyncio.get_running_loop().create_task(self._recover(),
-                                                                name=f"console-reopen {self.instance_uuid}")
+        self._recovery = self._loop.create_task(self._recover(), name=f"console-reopen {self.instance_uuid}")
 
     async def _recover(self) -> None:
         """Reopen after the stream ended: see the module docstring for the policy."""
@@ -342,11 +367,12 @@ class ConsoleHub:
         try:
             while not self._closed:
                 try:
-                    dom = self._domains.domain(self.instance_uuid)
-                    if dom.isActive():
-                        same = dom.ID() == self._domain_id
+                    dom = await self._domains.domain(self.instance_uuid)
+                    active, domain_id = await threads.call(lambda: (dom.isActive(), dom.ID()))
+                    if active:
+                        same = domain_id == self._domain_id
                         try:
-                            self._open(dom, force=not same)
+                            await self._open(dom, force=not same)
                             self.reopened += 1
                             return
                         except libvirt.libvirtError as exc:
@@ -376,19 +402,29 @@ class ConsoleHubs:
         self._viewer_budget = viewer_budget
         self._log = logger or logging.getLogger("herdsman.console")
         self._hubs: dict[str, ConsoleHub] = {}
+        self._opening: dict[str, asyncio.Future[ConsoleHub]] = {}
 
-    def attach(self, instance_uuid: str) -> ConsoleViewer:
+    async def attach(self, instance_uuid: str) -> ConsoleViewer:
         """A new viewer of the VM's console (NotFound, Unavailable or DriverError if it can't open)."""
         hub = self._hubs.get(instance_uuid)
         if hub is None:
-            hub = ConsoleHub(self._domains, instance_uuid, self._forget, scrollback=self._scrollback,
-                             viewer_budget=self._viewer_budget, logger=self._log)
-            try:
-                hub.start()
-            except libvirt.libvirtError as exc:
-                raise DriverError(f"cannot open the console: {exc.get_error_message() or exc}") from None
-            self._hubs[instance_uuid] = hub
+            opening = self._opening.get(instance_uuid)
+            if opening is None:  # one open per VM even when viewers arrive together
+                opening = asyncio.ensure_future(self._open_hub(instance_uuid))
+                self._opening[instance_uuid] = opening
+                opening.add_done_callback(lambda _: self._opening.pop(instance_uuid, None))
+            hub = await asyncio.shield(opening)
         return hub.attach()
+
+    async def _open_hub(self, instance_uuid: str) -> ConsoleHub:
+        hub = ConsoleHub(self._domains, instance_uuid, self._forget, scrollback=self._scrollback,
+                         viewer_budget=self._viewer_budget, logger=self._log)
+        try:
+            await hub.start()
+        except libvirt.libvirtError as exc:
+            raise DriverError(f"cannot open the console: {exc.get_error_message() or exc}") from None
+        self._hubs[instance_uuid] = hub
+        return hub
 
     def hub(self, instance_uuid: str) -> ConsoleHub | None:
         return self._hubs.get(instance_uuid)

@@ -1,27 +1,41 @@
 """The libvirt implementation of drivers.base.Hypervisor.
 
-All libvirt calls run on the event loop thread: libvirtaio dispatches libvirt's own socket and
-timer callbacks there, and its implementation is not safe to drive from worker threads. Calls
-are short (the remote driver answers in milliseconds) except starting qemu (~1 s under TCG);
-waits that can be long (a guest's ACPI shutdown) are asynchronous polls, never blocking calls.
+No libvirt call runs on the event loop: each goes to a libvirt worker thread through
+drivers.libvirt.threads (bounded pool, a timeout per call), and libvirt's events arrive from its
+own event thread, handed to the loop. The driver's state (which domains are ours, their
+metadata) lives on the loop; operations on one VM are serialised by a per-VM lock, and waits
+that can be long (a guest's ACPI shutdown) are asynchronous polls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import uuid as uuid_module
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import libvirt
 
 from agent.spec.image import parse_image_ref
 from agent.spec.vm import VirtualMachine
-from drivers.base import DriverError, HostEvent, NotFound, Placement, Unavailable, VmRecord
-from drivers.libvirt import inventory
+from drivers.base import (
+    ConsoleViewer,
+    DriverError,
+    GuestCommand,
+    GuestNetwork,
+    HostEvent,
+    NotFound,
+    Placement,
+    Unavailable,
+    VmRecord,
+)
+from drivers.libvirt import inventory, threads
 from drivers.libvirt.addresses import LEASES, AddressBook
 from drivers.libvirt.capabilities import probe_host_profile
 from drivers.libvirt.connection import LibvirtConnection, LibvirtUnavailable
@@ -33,6 +47,7 @@ from drivers.libvirt.domxml.writer import to_xml
 from drivers.libvirt.events import LifecycleEvent
 from drivers.libvirt.host_profile import HostProfile
 from drivers.libvirt.provision import Provisioner
+from drivers.libvirt.stream_access import StreamAccess
 
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
@@ -40,35 +55,57 @@ _UNDEFINE_FLAGS = (
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 )
 _STOP_POLL_SECONDS = 0.2
+#: Events after which a domain we do not know yet may be ours (virsh define, a migration in).
+_LEARN_ON = ("defined", "started")
+#: How long the lifecycle events of the agent's own operation may take to arrive from libvirt's
+#: event thread; they are not host events (the operation's reply reports the state).
+_OWN_EVENT_WINDOW = 30.0
 
 
 def _libvirt_message(exc: libvirt.libvirtError) -> str:
     return f"libvirt: {exc.get_error_message() or exc}"
 
 
+def is_uuid(text: str) -> bool:
+    """Whether `text` can name a domain by uuid (anything else is simply not ours)."""
+    try:
+        uuid_module.UUID(text)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
 class LibvirtDriver:
     def __init__(self, uri: str, *, policy: HostPolicy, domain_type: str = "auto",
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, open_timeout: float = 30.0) -> None:
         self.uri = uri
         self.policy = policy
         self._requested_type = domain_type
         self._log = logger or logging.getLogger("herdsman.libvirt")
-        self._conn = LibvirtConnection(uri, logger=self._log)
+        self._conn = LibvirtConnection(uri, logger=self._log, open_timeout=open_timeout)
         self._profile: HostProfile | None = None
         self._registry: dict[str, AgentMetadata] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._event_listeners: list[Callable[[HostEvent], None]] = []
         self._availability_listeners: list[Callable[[bool], None]] = []
         self._adopted = asyncio.Event()
+        self._adoption: asyncio.Task[None] | None = None
+        self._learning: dict[str, list[LifecycleEvent]] = {}
+        self._own: dict[str, list[tuple[str, float]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self.provisioner = Provisioner(policy, logger=self._log)
         self.addresses = AddressBook(sources=LEASES, logger=self._log)
+        self.streams = StreamAccess(self, network=policy.network if policy.network else None, logger=self._log)
         self._address_task: asyncio.Task[None] | None = None
 
     # -- connection and adoption -----------------------------------------------------------
     async def start(self) -> None:
+        """Connect (or start retrying) and, when connected, adopt before returning."""
         self._conn.add_connection_listener(self._on_connection)
         self._conn.add_lifecycle_listener(self._on_lifecycle)
-        await self._conn.start()  # the connection listener adopts on every (re)connect, the first too
+        await self._conn.start()
+        if self._adoption is not None:
+            await asyncio.shield(self._adoption)
         self._address_task = asyncio.create_task(self.addresses.run(self._running_domains), name="addresses")
 
     async def wait_ready(self, timeout: float) -> None:
@@ -78,9 +115,13 @@ class LibvirtDriver:
     async def close(self) -> None:
         if self._address_task is not None:
             self._address_task.cancel()
+        self.streams.close()
+        for task in list(self._background):
+            task.cancel()
         await self._conn.close()
 
     def _running_domains(self) -> list[libvirt.virDomain]:
+        """Blocking: the active domains that are ours (the address book calls it on a worker)."""
         conn = self._conn.get()
         return [d for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE) if d.UUIDString() in self._registry]
 
@@ -95,24 +136,33 @@ class LibvirtDriver:
         return self._profile
 
     def _on_connection(self, up: bool) -> None:
-        if up:
-            try:
-                self._adopt()
-            except libvirt.libvirtError as exc:
-                self._log.warning("adoption after reconnect failed: %s", exc)
-        for listener in self._availability_listeners:
-            listener(up)
+        if not up:
+            for listener in self._availability_listeners:
+                listener(False)
+            return
+        self._adoption = asyncio.get_running_loop().create_task(self._after_connect(), name="adoption")
 
-    def _adopt(self) -> None:
+    async def _after_connect(self) -> None:
+        try:
+            await self._adopt()
+        except (libvirt.libvirtError, DriverError, LibvirtUnavailable) as exc:
+            self._log.warning("adoption after connecting failed: %s", exc)
+        except Exception:  # noqa: BLE001 - a bug here must show, and must not stop the agent
+            self._log.exception("adoption after connecting failed")
+        for listener in self._availability_listeners:
+            listener(True)
+
+    async def _adopt(self) -> None:
         """Read every managed domain from libvirt; changes nothing on the host."""
         conn = self._conn.get()
-        if self._profile is None:
+        if self._profile is None:  # probed once per process: each probe may cost seconds
             session = self.uri.endswith("/session")
-            self._profile = probe_host_profile(conn, self._requested_type, session=session)  # type: ignore[arg-type]
+            self._profile = await threads.call(functools.partial(probe_host_profile, conn, self._requested_type,  # type: ignore[arg-type]
+                                                                  session=session))
             for warning in self._profile.warnings:
                 self._log.warning(warning)
         started = time.monotonic()
-        self._registry = inventory.adopt_all(conn)
+        self._registry = await threads.call(inventory.adopt_all, conn)
         self._adopted.set()
         self._log.info(
             "adopted managed domains",
@@ -135,30 +185,67 @@ class LibvirtDriver:
     def add_availability_listener(self, listener: Callable[[bool], None]) -> None:
         self._availability_listeners.append(listener)
 
+    # -- lifecycle events (on the loop) ----------------------------------------------------------
     def _on_lifecycle(self, event: LifecycleEvent) -> None:
-        if event.event == "defined" and event.uuid not in self._registry:
-            self._refresh(event.uuid)  # defined from outside (virsh define of one of ours)
+        if event.uuid in self._learning:
+            self._learning[event.uuid].append(event)
+            return
         if event.uuid not in self._registry:
+            if event.event in _LEARN_ON:  # ours, made outside the agent? read its metadata first
+                self._learning[event.uuid] = [event]
+                self._spawn(self._learn(event.uuid))
             return
         if event.event == "undefined":
             self._registry.pop(event.uuid, None)
         if event.status is None:
             return
-        if event.event != "undefined" and self._locks[event.uuid].locked():
+        if event.event != "undefined" and (self._locks[event.uuid].locked() or self._was_own(event)):
             return  # the agent's own operation: its reply reports the state (container events are for changes on the host)
         host_event = HostEvent(instance_uuid=event.uuid, external_id=event.uuid, status=event.status,
                                timestamp=event.timestamp)
         for listener in self._event_listeners:
             listener(host_event)
 
-    def _refresh(self, uuid: str) -> None:
+    def _expect(self, uuid: str, *statuses: str) -> None:
+        """The agent is about to cause these statuses itself: their events are not host events.
+        A new operation replaces what an earlier one left unused (a graceful stop expects "stop"
+        or "die"; the other must not hide a real crash after the next start)."""
+        deadline = time.monotonic() + _OWN_EVENT_WINDOW
+        self._own[uuid] = [(status, deadline) for status in statuses]
+
+    def _was_own(self, event: LifecycleEvent) -> bool:
+        pending = self._own.get(event.uuid)
+        if not pending:
+            return False
+        now = time.monotonic()
+        pending[:] = [(status, deadline) for status, deadline in pending if deadline > now]
+        for i, (status, _) in enumerate(pending):
+            if status == event.status:
+                del pending[i]
+                return True
+        return False
+
+    async def _learn(self, uuid: str) -> None:
+        """A domain appeared: if it carries our metadata, adopt it and replay its events."""
+        meta = None
         try:
-            dom = self._conn.get().lookupByUUIDString(uuid)
-            meta = inventory.read_metadata(dom)
-        except (libvirt.libvirtError, LibvirtUnavailable):
+            meta = await threads.call(self._read_metadata, uuid)
+        except (libvirt.libvirtError, DriverError, LibvirtUnavailable):
+            pass
+        events = self._learning.pop(uuid, [])
+        if meta is None:
             return
-        if meta is not None:
-            self._registry[uuid] = meta
+        self._registry[uuid] = meta
+        for event in events:
+            self._on_lifecycle(event)
+
+    def _read_metadata(self, uuid: str) -> AgentMetadata | None:
+        return inventory.read_metadata(self._conn.get().lookupByUUIDString(uuid))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- helpers -------------------------------------------------------------------------------
     def _connection(self) -> libvirt.virConnect:
@@ -167,7 +254,19 @@ class LibvirtDriver:
         except LibvirtUnavailable as exc:
             raise Unavailable(str(exc)) from None
 
+    async def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """A blocking libvirt step on a worker; libvirt's own errors become DriverErrors."""
+        try:
+            return await threads.call(fn, *args, timeout=timeout)
+        except libvirt.libvirtError as exc:
+            raise DriverError(_libvirt_message(exc)) from None
+        except LibvirtUnavailable as exc:
+            raise Unavailable(str(exc)) from None
+
     def _lookup(self, uuid: str) -> libvirt.virDomain | None:
+        """Blocking: our domain with this instance uuid, or None (any other name is not ours)."""
+        if not is_uuid(uuid):
+            return None
         try:
             dom = self._connection().lookupByUUIDString(uuid)
         except libvirt.libvirtError as exc:
@@ -176,35 +275,30 @@ class LibvirtDriver:
             raise DriverError(_libvirt_message(exc)) from None
         return dom if uuid in self._registry or inventory.read_metadata(dom) is not None else None
 
-    def _record(self, uuid: str) -> VmRecord:
+    def _require(self, uuid: str) -> libvirt.virDomain:
+        """Blocking: as `_lookup`, NotFound when absent."""
         dom = self._lookup(uuid)
-        meta = self._registry.get(uuid)
-        if dom is None or meta is None:
+        if dom is None:
             raise NotFound(f"no virtual machine {uuid} on this host")
-        return self._with_address(dom, inventory.record(dom, meta))
+        return dom
 
-    def _with_address(self, dom: libvirt.virDomain, record: VmRecord) -> VmRecord:
+    def _record(self, dom: libvirt.virDomain, uuid: str) -> VmRecord:
+        """Blocking: the VM's record with its address (a lease lookup when not known yet)."""
+        meta = self._registry.get(uuid)
+        if meta is None:
+            raise NotFound(f"no virtual machine {uuid} on this host")
+        record = inventory.record(dom, meta)
         if record.state != "running":
             return record
-        address = self.addresses.get(record.instance_uuid) or self.addresses.refresh(dom)
+        address = self.addresses.get(uuid) or self.addresses.refresh(dom)
         return replace(record, primary_ip=address)
 
-    # -- for the stream server (console, exec, logs, proxy) --------------------------------------
-    def domain(self, instance_uuid: str) -> libvirt.virDomain:
-        """The libvirt domain of one of our VMs (NotFound otherwise, Unavailable without libvirt)."""
-        return self._require(instance_uuid)
-
-    def console_log_path(self, instance_uuid: str) -> Path:
-        return self.policy.layout.console_log_path(instance_uuid)
-
-    def primary_address(self, instance_uuid: str) -> str | None:
-        dom = self._require(instance_uuid)
-        return self.addresses.get(instance_uuid) or self.addresses.refresh(dom)
+    def _current(self, uuid: str) -> VmRecord:
+        return self._record(self._require(uuid), uuid)
 
     # -- queries -------------------------------------------------------------------------------
     async def list_vms(self) -> list[VmRecord]:
-        conn = self._connection()
-        states = inventory.all_states(conn)
+        states = await self._call(inventory.all_states, self._connection())
         records = []
         for uuid, meta in self._registry.items():
             code = states.get(uuid)
@@ -219,13 +313,14 @@ class LibvirtDriver:
         return records
 
     async def get_vm(self, instance_uuid: str) -> VmRecord:
-        return self._record(instance_uuid)
+        return await self._call(self._current, instance_uuid)
 
     async def inspect_vm(self, instance_uuid: str) -> dict[str, Any]:
-        dom = self._lookup(instance_uuid)
-        if dom is None:
-            raise NotFound(f"no virtual machine {instance_uuid} on this host")
-        record = self._record(instance_uuid)
+        return await self._call(self._inspect, instance_uuid)
+
+    def _inspect(self, uuid: str) -> dict[str, Any]:
+        dom = self._require(uuid)
+        record = self._record(dom, uuid)
         stats = {}
         try:
             for _, values in self._connection().domainListGetStats([dom], 0, 0):
@@ -233,7 +328,7 @@ class LibvirtDriver:
         except libvirt.libvirtError:
             pass  # stats are a bonus; the test driver lacks some groups
         return {
-            "id": instance_uuid,
+            "id": uuid,
             "externalId": record.external_id,
             "state": record.state,
             "labels": record.labels,
@@ -264,136 +359,172 @@ class LibvirtDriver:
         uuid = spec.instance_uuid
         async with self._locks[uuid]:
             conn = self._connection()
-            dom = self._lookup(uuid)
+            dom = await self._call(self._lookup, uuid)
             inp = RenderInput(spec=spec, profile=self.profile, policy=self.policy, macs=placement.macs,
                               kernel_boot=await self.provisioner.kernel_boot(conn, spec, placement))
             domain = build_domain(inp)
             assert domain.metadata is not None
             restart_required = False
             created = None
-            if dom is not None and self._registry.get(uuid) is not None and \
-                    self._registry[uuid].spec_hash == domain.metadata.spec_hash:
-                self._update_metadata(dom, domain.metadata, domain.title, domain.description)
+            current = self._registry.get(uuid)
+            if dom is not None and current is not None and current.spec_hash == domain.metadata.spec_hash:
+                if current != domain.metadata:
+                    await self._call(self._write_metadata, dom, domain.metadata, domain.title, domain.description)
+                    self._registry[uuid] = domain.metadata
             else:
-                was_running = dom is not None and bool(dom.isActive())
+                was_running = dom is not None and bool(await self._call(dom.isActive))
                 created = await self.provisioner.prepare(conn, inp, placement, new_domain=dom is None)
                 try:
-                    dom = conn.defineXMLFlags(to_xml(domain), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
-                except libvirt.libvirtError as exc:
-                    self.provisioner.undo(conn, created)
-                    raise DriverError(_libvirt_message(exc)) from None
+                    dom = await threads.call(conn.defineXMLFlags, to_xml(domain), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+                except (libvirt.libvirtError, DriverError) as exc:
+                    await self.provisioner.undo(conn, created)
+                    raise exc if isinstance(exc, DriverError) else DriverError(_libvirt_message(exc)) from None
                 restart_required = was_running
                 self._registry[uuid] = domain.metadata
-            if start and not dom.isActive():
+            if start:
+                self._expect(uuid, "start")
                 try:
-                    dom.create()
-                except libvirt.libvirtError as exc:
+                    await threads.call(self._start_if_stopped, dom)
+                except (libvirt.libvirtError, DriverError) as exc:
                     if created is not None and created.new_domain:
-                        self._undefine(dom)
-                        self.provisioner.undo(conn, created)
+                        await self._call(self._undefine, dom)
+                        await self.provisioner.undo(conn, created)
                         self._registry.pop(uuid, None)
-                    raise DriverError(_libvirt_message(exc)) from None
-            record = self._with_address(dom, inventory.record(dom, self._registry[uuid]))
+                    raise exc if isinstance(exc, DriverError) else DriverError(_libvirt_message(exc)) from None
+            record = await self._call(self._record, dom, uuid)
         return replace(record, restart_required=restart_required)
 
-    def _update_metadata(self, dom: libvirt.virDomain, meta: AgentMetadata, title: str | None,
-                         description: str | None) -> None:
+    @staticmethod
+    def _start_if_stopped(dom: libvirt.virDomain) -> None:
+        if not dom.isActive():
+            dom.create()
+
+    @staticmethod
+    def _write_metadata(dom: libvirt.virDomain, meta: AgentMetadata, title: str | None,
+                        description: str | None) -> None:
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-        current = self._registry.get(meta.instance_uuid)
-        if current == meta:
-            return
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, metadata.metadata_xml(meta), metadata.KEY,
                         metadata.NAMESPACE, flags)
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, title or None, None, None, flags)
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, description or None, None, None, flags)
-        self._registry[meta.instance_uuid] = meta
 
     async def start_vm(self, instance_uuid: str) -> VmRecord:
         async with self._locks[instance_uuid]:
-            dom = self._require(instance_uuid)
-            if not dom.isActive():
-                self._libvirt(dom.create)
-            return self._record(instance_uuid)
+            dom = await self._call(self._require, instance_uuid)
+            self._expect(instance_uuid, "start")
+            await self._call(self._start_if_stopped, dom)
+            return await self._call(self._record, dom, instance_uuid)
 
     async def stop_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
         async with self._locks[instance_uuid]:
-            await self._stop(self._require(instance_uuid), timeout)
-            return self._record(instance_uuid)
+            dom = await self._call(self._require, instance_uuid)
+            await self._stop(dom, timeout)
+            return await self._call(self._record, dom, instance_uuid)
 
     async def force_stop_vm(self, instance_uuid: str) -> VmRecord:
-        async with self._locks[instance_uuid]:
-            await self._stop(self._require(instance_uuid), 0)
-            return self._record(instance_uuid)
+        return await self.stop_vm(instance_uuid, 0)
 
     async def restart_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
         async with self._locks[instance_uuid]:
-            dom = self._require(instance_uuid)
+            dom = await self._call(self._require, instance_uuid)
             await self._stop(dom, timeout)
-            self._libvirt(dom.create)
-            return self._record(instance_uuid)
+            self._expect(instance_uuid, "start")
+            await self._call(dom.create)
+            return await self._call(self._record, dom, instance_uuid)
 
     async def remove_vm(self, instance_uuid: str, timeout: float) -> None:
         """Stop (gracefully within timeout) and undefine; volumes, seed and log stay for purge."""
         async with self._locks[instance_uuid]:
-            dom = self._lookup(instance_uuid)
+            dom = await self._call(self._lookup, instance_uuid)
             if dom is None:
                 return
             await self._stop(dom, timeout)
-            self._undefine(dom)
+            await self._call(self._undefine, dom)
             self._registry.pop(instance_uuid, None)
+            self.addresses.forget(instance_uuid)
 
     async def purge_vm(self, instance_uuid: str) -> None:
         """Remove if still defined, then delete every volume, the seed and the console logs."""
         await self.remove_vm(instance_uuid, 0)
+        if not is_uuid(instance_uuid):
+            return  # nothing of ours is named after it
         async with self._locks[instance_uuid]:
-            self.provisioner.purge(self._connection(), instance_uuid)
+            await self._call(self.provisioner.purge, self._connection(), instance_uuid)
 
     async def set_labels(self, instance_uuid: str, labels: dict[str, str]) -> VmRecord:
         async with self._locks[instance_uuid]:
-            dom = self._require(instance_uuid)
+            dom = await self._call(self._require, instance_uuid)
             meta = self._registry[instance_uuid]
             updated = AgentMetadata(**{**meta.__dict__, "labels": dict(labels)})
-            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-            self._libvirt(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, metadata.metadata_xml(updated),
-                          metadata.KEY, metadata.NAMESPACE, flags)
+            await self._call(self._set_metadata_element, dom, updated)
             self._registry[instance_uuid] = updated
-            return self._record(instance_uuid)
-
-    # -- internals -------------------------------------------------------------------------------
-    def _require(self, uuid: str) -> libvirt.virDomain:
-        dom = self._lookup(uuid)
-        if dom is None:
-            raise NotFound(f"no virtual machine {uuid} on this host")
-        return dom
+            return await self._call(self._record, dom, instance_uuid)
 
     @staticmethod
-    def _libvirt(fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except libvirt.libvirtError as exc:
-            raise DriverError(_libvirt_message(exc)) from None
+    def _set_metadata_element(dom: libvirt.virDomain, meta: AgentMetadata) -> None:
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, metadata.metadata_xml(meta),
+                        metadata.KEY, metadata.NAMESPACE, flags)
 
+    # -- streams (drivers.base: console, exec, logs and proxy go through here) --------------------
+    async def domain(self, instance_uuid: str) -> libvirt.virDomain:
+        """The libvirt domain of one of our VMs (NotFound otherwise, Unavailable without libvirt)."""
+        return await self._call(self._require, instance_uuid)
+
+    async def require_vm(self, instance_uuid: str) -> None:
+        await self.domain(instance_uuid)
+
+    def console_log_path(self, instance_uuid: str) -> Path | None:
+        meta = self._registry.get(instance_uuid)
+        if meta is not None and (meta.spec.get("logConfig") or {}).get("driver") == "none":
+            return None
+        return self.policy.layout.console_log_path(instance_uuid)
+
+    async def guest_network(self, instance_uuid: str, *, subnets: bool = False) -> GuestNetwork:
+        dom = await self.domain(instance_uuid)
+        primary = self.addresses.get(instance_uuid) or await self._call(self.addresses.refresh, dom)
+        if not subnets:
+            return GuestNetwork(primary=primary)
+        return await self._call(self.streams.managed_network, dom, primary)
+
+    async def attach_console(self, instance_uuid: str) -> ConsoleViewer:
+        return await self.streams.attach_console(instance_uuid)
+
+    async def open_graphics(self, instance_uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await self.streams.open_graphics(await self.domain(instance_uuid))
+
+    async def guest_exec(self, instance_uuid: str, argv: Sequence[str], *, stdin: bool,
+                         tty: bool) -> GuestCommand:
+        return await self.streams.guest_exec(await self.domain(instance_uuid), argv, stdin=stdin, tty=tty)
+
+    # -- internals -------------------------------------------------------------------------------
     async def _stop(self, dom: libvirt.virDomain, timeout: float) -> None:
         """ACPI power button, wait up to `timeout` seconds, then pull the plug."""
-        if not dom.isActive():
+        if not await self._call(dom.isActive):
             return
+        self._expect(dom.UUIDString(), "stop", "die")
         if timeout > 0:
             try:
-                dom.shutdown()
+                await threads.call(dom.shutdown)
             except libvirt.libvirtError as exc:
                 self._log.info("graceful shutdown refused, destroying", extra={"uuid": dom.UUIDString(), "error": str(exc)})
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 await asyncio.sleep(_STOP_POLL_SECONDS)
-                if not dom.isActive():
+                if not await self._call(dom.isActive):
                     return
+        await self._call(self._destroy, dom)
+
+    @staticmethod
+    def _destroy(dom: libvirt.virDomain) -> None:
         try:
             dom.destroy()
         except libvirt.libvirtError as exc:
             if dom.isActive():
                 raise DriverError(_libvirt_message(exc)) from None
 
-    def _undefine(self, dom: libvirt.virDomain) -> None:
+    @staticmethod
+    def _undefine(dom: libvirt.virDomain) -> None:
         try:
             dom.undefineFlags(_UNDEFINE_FLAGS)
         except libvirt.libvirtError as exc:

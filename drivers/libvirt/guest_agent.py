@@ -3,10 +3,11 @@
 Every QGA command is built with ``json.dumps`` from plain values (KubeVirt's ``fmt.Sprintf``
 QGA commands are the counter-example), and a user's command reaches the guest's shell only as
 positional arguments of a fixed script, or, for ``script -c`` which takes one command line,
-quoted by ``shlex.join``. Calls go through ``libvirt_qemu.qemuAgentCommand`` on the event loop thread
-like every libvirt call here; each is a short round trip (2-10 ms under TCG) with a bounded
-timeout, so a hung agent stalls the loop for at most ``timeout`` seconds, and an agent that
-is not running fails at once (libvirt knows the channel is disconnected).
+quoted by ``shlex.join``. Calls go through ``libvirt_qemu.qemuAgentCommand`` on a libvirt worker
+thread (drivers.libvirt.threads) like every libvirt call here; each is a short round trip (2-10
+ms under TCG) with a bounded timeout, so a hung agent costs a worker thread, never the event
+loop, and an agent that is not running fails at once (libvirt knows the channel is
+disconnected).
 
 Why a :class:`GuestProcess` is more than ``guest-exec`` + ``guest-exec-status``: QGA returns a
 command's captured output only once it has exited (and keeps at most 16 MiB), and takes stdin
@@ -38,13 +39,14 @@ import secrets
 import shlex
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import libvirt
 import libvirt_qemu
 from lxml import etree
 
-from drivers.base import DriverError
+from drivers.base import GuestAgentError, GuestAgentUnavailable, GuestStream
+from drivers.libvirt import threads
 
 AGENT_NOT_RUNNING = "the guest agent is not running in this VM"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -68,38 +70,31 @@ exec "$@"'''
 #: Tells whether the guest has util-linux `script`, which gives a command a real terminal.
 PROBE_PTY = "script --version 2>/dev/null | grep -q util-linux && echo pty || echo pipe"
 
-Stream = Literal["stdout", "stderr"]
-
-
-class GuestAgentError(DriverError):
-    """A guest-agent command failed; the message says what the guest (or libvirt) answered."""
-
-
-class GuestAgentUnavailable(GuestAgentError):
-    """No guest agent answers in this VM (not installed, not started, or hung)."""
+Stream = GuestStream
 
 
 class GuestAgent:
-    """QGA commands of one domain. Methods are synchronous short calls (loop thread only)."""
+    """QGA commands of one domain, each a short round trip on a libvirt worker thread."""
 
     def __init__(self, dom: libvirt.virDomain, *, timeout: int = 10) -> None:
         self.dom = dom
         self.timeout = timeout
 
-    def connected(self) -> bool | None:
+    async def connected(self) -> bool | None:
         """The agent channel's state from the live XML: True/False, None if libvirt doesn't say."""
-        root = etree.fromstring(self.dom.XMLDesc(0).encode())
+        root = etree.fromstring((await threads.call(self.dom.XMLDesc, 0)).encode())
         for target in root.iterfind(f"devices/channel/target[@name='{AGENT_CHANNEL}']"):
             state = target.get("state")
             return None if state is None else state == "connected"
         return False
 
-    def call(self, command: str, **arguments: Any) -> Any:
+    async def call(self, command: str, **arguments: Any) -> Any:
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = arguments
         try:
-            reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(message), self.timeout, 0)
+            reply = await threads.call(libvirt_qemu.qemuAgentCommand, self.dom, json.dumps(message), self.timeout, 0,
+                                       timeout=self.timeout + 5, what=f"guest agent {command}")
         except libvirt.libvirtError as exc:
             raise self._error(command, exc) from None
         try:
@@ -119,44 +114,45 @@ class GuestAgent:
         return GuestAgentError(f"guest agent: {text.split(marker, 1)[-1]}")
 
     # -- the commands used here -------------------------------------------------------------
-    def exec(self, path: str, args: Sequence[str], *, capture: bool = False, input_data: bytes | None = None) -> int:
+    async def exec(self, path: str, args: Sequence[str], *, capture: bool = False, input_data: bytes | None = None) -> int:
         arguments: dict[str, Any] = {"path": path, "arg": list(args), "capture-output": capture}
         if input_data:
             arguments["input-data"] = base64.b64encode(input_data).decode()
-        return int(self.call("guest-exec", **arguments)["pid"])
+        return int((await self.call("guest-exec", **arguments))["pid"])
 
-    def exec_status(self, pid: int) -> dict[str, Any]:
-        return dict(self.call("guest-exec-status", pid=pid))
+    async def exec_status(self, pid: int) -> dict[str, Any]:
+        return dict(await self.call("guest-exec-status", pid=pid))
 
-    def open(self, path: str, mode: str) -> int:
-        return int(self.call("guest-file-open", path=path, mode=mode))
+    async def open(self, path: str, mode: str) -> int:
+        return int(await self.call("guest-file-open", path=path, mode=mode))
 
-    def read(self, handle: int, count: int = READ_CHUNK) -> tuple[bytes, bool]:
-        reply = self.call("guest-file-read", handle=handle, count=count)
+    async def read(self, handle: int, count: int = READ_CHUNK) -> tuple[bytes, bool]:
+        reply = await self.call("guest-file-read", handle=handle, count=count)
         return base64.b64decode(reply.get("buf-b64", "")), bool(reply.get("eof"))
 
-    def write(self, handle: int, data: bytes) -> int:
-        return int(self.call("guest-file-write", handle=handle, **{"buf-b64": base64.b64encode(data).decode()})["count"])
+    async def write(self, handle: int, data: bytes) -> int:
+        reply = await self.call("guest-file-write", handle=handle, **{"buf-b64": base64.b64encode(data).decode()})
+        return int(reply["count"])
 
-    def flush(self, handle: int) -> None:
-        self.call("guest-file-flush", handle=handle)
+    async def flush(self, handle: int) -> None:
+        await self.call("guest-file-flush", handle=handle)
 
-    def seek(self, handle: int, offset: int = 0, whence: str = "cur") -> None:
-        self.call("guest-file-seek", handle=handle, offset=offset, whence=whence)
+    async def seek(self, handle: int, offset: int = 0, whence: str = "cur") -> None:
+        await self.call("guest-file-seek", handle=handle, offset=offset, whence=whence)
 
-    def close(self, handle: int) -> None:
+    async def close(self, handle: int) -> None:
         try:
-            self.call("guest-file-close", handle=handle)
+            await self.call("guest-file-close", handle=handle)
         except GuestAgentError:
             pass  # the guest forgot it already (agent restarted): nothing left to release
 
     async def run(self, argv: Sequence[str], *, timeout: float = 10.0) -> tuple[int, bytes]:
         """Run a short helper command to completion (batch); its exit code and stdout."""
-        pid = self.exec(argv[0], argv[1:], capture=True)
+        pid = await self.exec(argv[0], argv[1:], capture=True)
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
-            status = self.exec_status(pid)
+            status = await self.exec_status(pid)
             if status.get("exited"):
                 return exit_code(status), base64.b64decode(status.get("out-data", ""))
             if time.monotonic() > deadline:
@@ -202,15 +198,15 @@ class GuestProcess:
     async def start(self) -> None:
         """Create the output files, start the wrapper and, with stdin, open its fifo."""
         agent = self.agent
-        self._handles["stdout"] = agent.open(f"{self._prefix}.out", "w+")
+        self._handles["stdout"] = await agent.open(f"{self._prefix}.out", "w+")
         if not self.merge_stderr:
-            self._handles["stderr"] = agent.open(f"{self._prefix}.err", "w+")
+            self._handles["stderr"] = await agent.open(f"{self._prefix}.err", "w+")
         mode = "merged" if self.merge_stderr else "split"
         try:
-            self.pid = agent.exec("/bin/sh", ["-c", WRAPPER, "herdsman-exec", self._prefix, mode,
+            self.pid = await agent.exec("/bin/sh", ["-c", WRAPPER, "herdsman-exec", self._prefix, mode,
                                               "1" if self.stdin else "0", *self.argv])
         except GuestAgentError as exc:
-            self._release()
+            await self._release()
             raise GuestAgentError(f"cannot start a shell in the guest ({exc}); streaming exec needs /bin/sh") from None
         if self.stdin:
             await self._open_fifo()
@@ -222,13 +218,13 @@ class GuestProcess:
         deadline = time.monotonic() + 10
         while True:
             try:
-                self._keeper = self.agent.open(f"{self._prefix}.in", "r+")
-                self._writer = self.agent.open(f"{self._prefix}.in", "r+")
+                self._keeper = await self.agent.open(f"{self._prefix}.in", "r+")
+                self._writer = await self.agent.open(f"{self._prefix}.in", "r+")
                 return
             except GuestAgentError as exc:
                 if "No such file" not in str(exc) or time.monotonic() > deadline:
                     raise
-            if self.agent.exec_status(self.pid).get("exited"):
+            if (await self.agent.exec_status(self.pid)).get("exited"):
                 return  # the wrapper failed before making the fifo: output() reports why
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -241,23 +237,23 @@ class GuestProcess:
         while True:
             got = False
             for name, handle in self._handles.items():
-                data = self._read_available(handle)
+                data = await self._read_available(handle)
                 if data:
                     got = True
                     yield name, data
             if got:
                 delay = poll_min
             else:
-                status = self.agent.exec_status(self.pid)
+                status = await self.agent.exec_status(self.pid)
                 if status.get("exited"):
                     for name, handle in self._handles.items():
-                        self.agent.seek(handle)  # clears a sticky end-of-file in the guest's stdio
-                        data = self._read_available(handle)
+                        await self.agent.seek(handle)  # clears a sticky end-of-file in the guest's stdio
+                        data = await self._read_available(handle)
                         if data:
                             yield name, data
                     self.exit_code = exit_code(status)
                     return
-                self._reap()
+                await self._reap()
                 self._poke.clear()
                 try:
                     await asyncio.wait_for(self._poke.wait(), delay)
@@ -265,10 +261,10 @@ class GuestProcess:
                 except TimeoutError:
                     delay = min(delay * 1.5, poll_max)
 
-    def _read_available(self, handle: int) -> bytes:
+    async def _read_available(self, handle: int) -> bytes:
         parts = []
         while True:
-            data, eof = self.agent.read(handle, READ_CHUNK)
+            data, eof = await self.agent.read(handle, READ_CHUNK)
             parts.append(data)
             if eof or len(data) < READ_CHUNK:
                 return b"".join(parts)
@@ -288,8 +284,8 @@ class GuestProcess:
             if self._writer is None or self.exit_code is not None:
                 raise GuestAgentError("the command's input is closed")
             try:
-                if self.agent.write(self._writer, chunk) == len(chunk):
-                    self.agent.flush(self._writer)
+                if await self.agent.write(self._writer, chunk) == len(chunk):
+                    await self.agent.flush(self._writer)
                     return
             except GuestAgentUnavailable:
                 raise
@@ -298,34 +294,34 @@ class GuestProcess:
                     raise
             # The pipe is full: nothing of this chunk went in, and the handle's error flag is
             # set for good. Take a fresh handle; the keeper stops the reader seeing an EOF.
-            self.agent.close(self._writer)
+            await self.agent.close(self._writer)
             self._writer = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
-            self._writer = self.agent.open(f"{self._prefix}.in", "r+")
+            self._writer = await self.agent.open(f"{self._prefix}.in", "r+")
 
-    def close_stdin(self) -> None:
+    async def close_stdin(self) -> None:
         """End of input: the command reads end-of-file once it has read what was sent."""
-        for handle in (self._writer, self._keeper):
+        handles, self._writer, self._keeper = (self._writer, self._keeper), None, None
+        for handle in handles:
             if handle is not None:
-                self.agent.close(handle)
-        self._writer = self._keeper = None
+                await self.agent.close(handle)
         self._poke.set()
 
-    def signal(self, name: str) -> None:
+    async def signal(self, name: str) -> None:
         """Send a signal (``INT``, ``HUP``, ``KILL``...) to the command, if it still runs."""
         if self.pid is None or self.exit_code is not None:
             return
         if not name.isalnum():
             raise ValueError(f"bad signal name {name!r}")
-        self._helpers.append(self.agent.exec("/bin/sh", ["-c", 'kill -s "$1" "$2"', "herdsman-kill", name,
+        self._helpers.append(await self.agent.exec("/bin/sh", ["-c", 'kill -s "$1" "$2"', "herdsman-kill", name,
                                                          str(self.pid)]))
 
-    def _reap(self) -> None:
+    async def _reap(self) -> None:
         """Collect finished helpers, or qemu-ga keeps their status for ever."""
         for pid in list(self._helpers):
             try:
-                if self.agent.exec_status(pid).get("exited"):
+                if (await self.agent.exec_status(pid)).get("exited"):
                     self._helpers.remove(pid)
             except GuestAgentError:
                 self._helpers.remove(pid)
@@ -336,27 +332,28 @@ class GuestProcess:
         A command still running after ``wait`` seconds (one that ignored SIGHUP) is left to run.
         """
         try:
-            self.close_stdin()
-            self._release()
+            await self.close_stdin()
+            await self._release()
             if self.stdin and self.pid is not None:
                 await self.agent.run(["rm", "-f", f"{self._prefix}.in"])
             reaped = self.pid is None or self.exit_code is not None
             deadline = time.monotonic() + wait
             while True:
-                self._reap()
+                await self._reap()
                 if not reaped:
                     assert self.pid is not None
-                    reaped = bool(self.agent.exec_status(self.pid).get("exited"))
+                    reaped = bool((await self.agent.exec_status(self.pid)).get("exited"))
                 if (reaped and not self._helpers) or time.monotonic() > deadline:
                     return
                 await asyncio.sleep(0.05)
         except GuestAgentError:
             pass  # the agent went away: the guest reclaims everything when it restarts
 
-    def _release(self) -> None:
-        for handle in self._handles.values():
-            self.agent.close(handle)
+    async def _release(self) -> None:
+        handles = list(self._handles.values())
         self._handles.clear()
+        for handle in handles:
+            await self.agent.close(handle)
 
 
 async def guest_has_pty(agent: GuestAgent) -> bool:

@@ -25,7 +25,8 @@ one rename, so it is either complete or absent.
 
 Concurrency: every image has at most one download in flight; callers asking for it meanwhile
 share the result or the failure (failures are not cached). The download is cancelled only
-when every caller waiting for it is. libvirt is called only from the event loop thread.
+when every caller waiting for it is. libvirt calls run on libvirt worker threads
+(drivers.libvirt.threads), never on the event loop.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Literal
 import libvirt
 
 from agent.spec.image import ImageRef, parse_checksum
-from drivers.libvirt import storage
+from drivers.libvirt import storage, threads
 from drivers.libvirt.domxml.inputs import KernelBoot
 from drivers.libvirt.images_fetch import (
     ImageError,
@@ -135,14 +136,23 @@ class ImageCache:
         flight = self._flights.get(f"disk:{key}")
         if flight is None:
             try:
-                pool = storage.ensure_pool(conn, self.layout.storage_pool, self.pool_path)
-                found = self._lookup(pool, key, refresh=True)
+                found = await threads.call(self._find_cached, conn, key)
             except libvirt.libvirtError as exc:
                 raise ImageError(f"image {display_url(ref.url)}: libvirt: {exc.get_error_message()}") from None
             if found is not None:
                 return found
-            flight = self._start(f"disk:{key}", lambda f: self._download_disk(conn, ref, digest, key, f))
+            flight = self._flights.get(f"disk:{key}")  # re-read: one may have started meanwhile
+            if flight is None:
+                flight = self._start(f"disk:{key}", lambda f: self._download_disk(conn, ref, digest, key, f))
         return await self._join(flight, progress)
+
+    def _find_cached(self, conn: libvirt.virConnect, key: str, create_pool: bool = True) -> BaseImage | None:
+        """The cached image with this key, if the pool has it (blocking: a worker thread's job)."""
+        if create_pool:
+            pool = storage.ensure_pool(conn, self.layout.storage_pool, self.pool_path)
+        else:
+            pool = storage.lookup_pool(conn, self.layout.storage_pool)
+        return self._lookup(pool, key, refresh=True)
 
     def _lookup(self, pool: libvirt.virStoragePool, key: str, *, refresh: bool) -> BaseImage | None:
         for attempt in (False, True) if refresh else (False,):
@@ -177,8 +187,7 @@ class ImageCache:
         finally:
             tmp.unlink(missing_ok=True)  # never a partial file: also on error and cancellation
         try:
-            pool = storage.lookup_pool(conn, self.layout.storage_pool)
-            found = self._lookup(pool, key, refresh=True)
+            found = await threads.call(self._find_cached, conn, key, False)
         except libvirt.libvirtError as exc:
             raise ImageError(f"image {shown}: libvirt: {exc.get_error_message()}") from None
         if found is None:
@@ -190,7 +199,8 @@ class ImageCache:
     def create_overlay(
         self, pool: libvirt.virStoragePool, name: str, base: BaseImage, size: int
     ) -> libvirt.virStorageVol:
-        """A copy-on-write qcow2 volume of `size` bytes on top of `base`, made by libvirt.
+        """A copy-on-write qcow2 volume of `size` bytes on top of `base`, made by libvirt
+        (blocking: call it through drivers.libvirt.threads.call).
 
         Refused when `size` is below the image's virtual size (the guest's partitions would
         end past the disk) or when the pool could never hold `size` bytes.

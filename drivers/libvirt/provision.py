@@ -17,7 +17,7 @@ import libvirt
 from agent.spec.image import ImageRef, parse_checksum
 from agent.spec.vm import VirtualMachine
 from drivers.base import DriverError, Placement
-from drivers.libvirt import storage
+from drivers.libvirt import storage, threads
 from drivers.libvirt.domxml.configurators.network import macs_for
 from drivers.libvirt.domxml.inputs import HostPolicy, KernelBoot, RenderInput
 from drivers.libvirt.images import ImageCache, ProgressCallback
@@ -80,44 +80,64 @@ class Provisioner:
 
     async def prepare(self, conn: libvirt.virConnect, inp: RenderInput, placement: Placement, *,
                       new_domain: bool) -> Prepared:
+        """Volumes and seed for `inp`; libvirt and file work on worker threads, never the loop."""
         done = Prepared(new_domain=new_domain)
         try:
-            storage.ensure_pool(conn, self.policy.layout.storage_pool, self.pool_path)
+            await threads.call(storage.ensure_pool, conn, self.policy.layout.storage_pool, self.pool_path)
             image = inp.spec.image
             for disk in inp.spec.ordered_disks:
-                pool = storage.lookup_pool(conn, inp.disk_pool(disk))
                 fmt = "qcow2" if disk.root and image is not None else disk.opts.format
                 name = inp.layout.volume_name(inp.uuid, disk.name, fmt)
                 if disk.root and image is not None and image.kind == "disk":
-                    if storage.find_volume(pool, name) is None:
+                    pool, existing = await threads.call(self._pool_and_volume, conn, inp.disk_pool(disk), name)
+                    if existing is None:
                         base = await self.images.ensure_disk_image(
                             conn, image, checksum=placement_checksum(placement), progress=self._progress(image))
-                        done.volumes.append(self.images.create_overlay(pool, name, base, disk.size_bytes))
+                        done.volumes.append(await threads.call(self.images.create_overlay, pool, name, base,
+                                                               disk.size_bytes))
                     continue
-                vol, created = storage.ensure_volume(pool, name, disk.size_bytes, fmt)
+                vol, created = await threads.call(self._blank_volume, conn, inp.disk_pool(disk), name,
+                                                  disk.size_bytes, fmt)
                 if created:
                     done.volumes.append(vol)
-            # virtlogd (root) writes the console log but does not create its folder
-            inp.layout.console_log_path(inp.uuid).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             seed_path = inp.layout.seed_path(inp.uuid)
             existed = seed_path.exists()
-            seed_path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-            # file I/O with fsyncs: off the loop thread (no libvirt call in there)
-            await asyncio.to_thread(write_seed, seed_path, seed_inputs(inp))
+            # file I/O with fsyncs: off the loop thread
+            await asyncio.to_thread(self._write_files, inp, seed_path)
             if not existed:
                 done.seed = seed_path
         except libvirt.libvirtError as exc:
-            self.undo(conn, done)
+            await self.undo(conn, done)
             raise DriverError(f"libvirt: {exc.get_error_message() or exc}") from None
         except BaseException:
-            self.undo(conn, done)
+            await asyncio.shield(self.undo(conn, done))
             raise
         return done
 
-    def undo(self, conn: libvirt.virConnect, done: Prepared) -> None:
+    @staticmethod
+    def _pool_and_volume(conn: libvirt.virConnect, pool_name: str,
+                         name: str) -> tuple[libvirt.virStoragePool, libvirt.virStorageVol | None]:
+        pool = storage.lookup_pool(conn, pool_name)
+        return pool, storage.find_volume(pool, name)
+
+    @staticmethod
+    def _blank_volume(conn: libvirt.virConnect, pool_name: str, name: str, size: int,
+                      fmt: str) -> tuple[libvirt.virStorageVol, bool]:
+        return storage.ensure_volume(storage.lookup_pool(conn, pool_name), name, size, fmt)
+
+    @staticmethod
+    def _write_files(inp: RenderInput, seed_path: Path) -> None:
+        # virtlogd (root) writes the console log but does not create its folder
+        inp.layout.console_log_path(inp.uuid).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        seed_path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        write_seed(seed_path, seed_inputs(inp))
+
+    async def undo(self, conn: libvirt.virConnect, done: Prepared) -> None:
         """Delete what `prepare` created for a VM that is not going to exist."""
-        if not done.new_domain:
-            return
+        if done.new_domain:
+            await threads.call(self._undo_now, done)
+
+    def _undo_now(self, done: Prepared) -> None:
         for vol in done.volumes:
             try:
                 vol.delete(0)
@@ -127,7 +147,8 @@ class Provisioner:
             done.seed.unlink(missing_ok=True)
 
     def purge(self, conn: libvirt.virConnect, instance_uuid: str) -> list[str]:
-        """Delete the VM's volumes in every active pool, its seed and its console logs."""
+        """Delete the VM's volumes in every active pool, its seed and its console logs
+        (blocking: a worker thread's job)."""
         pools = {p.name() for p in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)}
         removed = storage.delete_volumes(conn, pools, f"{instance_uuid}-")
         layout = self.policy.layout

@@ -20,19 +20,31 @@ def _pool_xml(name: str, path: Path) -> str:
 
 
 def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> libvirt.virStoragePool:
-    """The agent's directory pool, defined, autostarted and active (idempotent)."""
+    """The agent's directory pool, defined, autostarted and active (idempotent, and safe when
+    several worker threads or processes ask at once: the loser of a race uses the winner's)."""
     local = not conn.getURI().startswith("test:")
     try:
         pool = conn.storagePoolLookupByName(name)
     except libvirt.libvirtError:
-        pool = conn.storagePoolDefineXML(_pool_xml(name, path), 0)
-        pool.setAutostart(True)
+        try:
+            pool = conn.storagePoolDefineXML(_pool_xml(name, path), 0)
+            pool.setAutostart(True)
+        except libvirt.libvirtError:
+            pool = conn.storagePoolLookupByName(name)  # defined meanwhile; else the first error stands
     if not pool.isActive():
         if local:
             # an operator may have wiped the state dir: the pool's folder comes back empty
             os.makedirs(path, mode=0o711, exist_ok=True)
-        pool.create(0)
+        _activate(pool)
     return pool
+
+
+def _activate(pool: libvirt.virStoragePool) -> None:
+    try:
+        pool.create(0)
+    except libvirt.libvirtError:
+        if not pool.isActive():  # started meanwhile by a concurrent call is fine
+            raise
 
 
 def lookup_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
@@ -41,7 +53,7 @@ def lookup_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
     except libvirt.libvirtError:
         raise DriverError(f"storage pool {name!r} does not exist on this host") from None
     if not pool.isActive():
-        pool.create(0)
+        _activate(pool)
     return pool
 
 

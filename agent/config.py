@@ -46,6 +46,7 @@ SETTINGS: dict[str, Setting] = {
     "stream_url": Setting("--stream-url", "HERDSMAN_STREAM_URL", "the URL users' clients reach the stream server at (default ws://<this host's address>:<port>)"),
     "stream_cert": Setting("--stream-cert", "HERDSMAN_STREAM_CERT", "PEM certificate (chain) for TLS on the stream server (wss://)"),
     "stream_key": Setting("--stream-key", "HERDSMAN_STREAM_KEY", "PEM private key of --stream-cert (default: in the certificate file)"),
+    "metrics_listen": Setting("--metrics-listen", "HERDSMAN_METRICS_LISTEN", "HOST:PORT of the Prometheus /metrics endpoint (default: off)"),
     "controller_public_key": Setting("--controller-public-key", "HERDSMAN_CONTROLLER_PUBLIC_KEY",
                                      "PEM file, or http(s) URL fetched at start-up, of the key the controller signs stream tokens with"),
 }
@@ -83,11 +84,13 @@ class AgentConfig(BaseModel):
     stream_cert: Path | None = None
     stream_key: Path | None = None
     controller_public_key: str | None = None
+    metrics_listen: str | None = None
 
-    @field_validator("stream_listen")
+    @field_validator("stream_listen", "metrics_listen")
     @classmethod
-    def _stream_listen(cls, value: str) -> str:
-        parse_listen(value)
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
         return value
 
     @field_validator("stream_url")

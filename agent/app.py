@@ -8,6 +8,7 @@ import signal
 import ssl
 from typing import Any
 
+from agent.check.startup import log_host_checks
 from agent.config import AgentConfig, host_uuid, secret
 from agent.dispatcher import Dispatcher, Publish, Route
 from agent.handlers.compute import ComputeHandlers
@@ -92,10 +93,13 @@ def stream_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
 class Agent:
     """One agent process: everything runs on one asyncio loop."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, host_checks: bool = False) -> None:
+        """`host_checks`: run `herdsman check` in the background at start and log the results
+        (the daemon does; tests that start many agents need not)."""
         if not config.url:
             raise SystemExit("herdsman run: --url / CATTLE_URL is required")
         self.config = config
+        self.host_checks = host_checks
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
@@ -213,6 +217,8 @@ class Agent:
             asyncio.create_task(self.client.run(self.dispatcher.on_frame, self._on_subscribed), name="controller"),
             asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"),
         ]
+        if self.host_checks:
+            tasks.append(asyncio.create_task(log_host_checks(self.config), name="host-check"))
         if self.config.controller_public_key:
             tasks.append(asyncio.create_task(self._load_controller_key(self.config.controller_public_key), name="token-key"))
         try:  # the listening socket is closed even when run() is cancelled

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_check_commands(sub, add_arguments)
 
+    from agent.install import add_commands as add_install_commands
+
+    add_install_commands(sub)
+
     validate = sub.add_parser("validate", help="check a virtualMachine spec (or a Cattle event); print each error with its field")
     validate.add_argument("spec", help="JSON file, or - for standard input")
     validate.set_defaults(func=cmd_validate)

@@ -35,7 +35,7 @@ SETTINGS: dict[str, Setting] = {
     "log_dir": Setting("--log-dir", "HERDSMAN_LOG_DIR", "serial console logs (default /var/log/herdsman)"),
     "domain_type": Setting("--domain-type", "HERDSMAN_DOMAIN_TYPE", "auto, kvm or qemu (default auto)"),
     "host_uuid": Setting("--host-uuid", "HERDSMAN_HOST_UUID", "default: generated once, kept in the state dir"),
-    "log_format": Setting("--log-format", "HERDSMAN_LOG_FORMAT", "json (default) or text"),
+    "log_format": Setting("--log-format", "HERDSMAN_LOG_FORMAT", "auto (default: text to systemd's journal, else json), json or text"),
     "log_level": Setting("--log-level", "HERDSMAN_LOG_LEVEL", "DEBUG, INFO (default), WARNING, ERROR"),
     "concurrency": Setting("--concurrency", "HERDSMAN_CONCURRENCY", "heavy operations at once (default 8)"),
     "network": Setting("--network", "HERDSMAN_NETWORK", "libvirt network for networkMode managed (default 'default')"),
@@ -72,7 +72,7 @@ class AgentConfig(BaseModel):
     log_dir: Path = Path("/var/log/herdsman")
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
     host_uuid: str | None = None
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     concurrency: int = Field(default=8, ge=1, le=256)
     network: str = "default"

@@ -1,6 +1,7 @@
 """A real HTTP/websocket server on 127.0.0.1 that stands in for the Cattle controller in tests.
 
-It speaks the agent-facing part of the protocol (cattle-protocol.md §1): `GET /v1/subscribe`
+It speaks the agent-facing part of the protocol (cattle-protocol.md §1): `GET /v1` (the API
+root, with Basic auth, as `herdsman check` asks it), `GET /v1/subscribe`
 (Basic auth, websocket, optional keepalive `ping` events without replyTo),
 `POST /v1/publish` (only `reply.*` names, like Cattle's PublishManager for agent accounts) and
 `POST /v1/containerevents`. Tests drive it with `request()` and read what the agent sent back.

@@ -8,11 +8,13 @@ import signal
 import ssl
 from typing import Any
 
+from agent.check.startup import log_host_checks
 from agent.config import AgentConfig, host_uuid, secret
 from agent.dispatcher import Dispatcher, Publish, Route
 from agent.handlers.compute import ComputeHandlers
 from agent.handlers.ping import PingHandler
 from agent.handlers.storage import StorageHandlers
+from agent.metrics import AgentMetrics, MetricsServer, Scraper
 from agent.protocol.client import ControllerClient
 from agent.streams.actions import BaseUrl, StreamActions, default_stream_url
 from agent.streams.auth import TokenVerifier, read_public_key
@@ -93,10 +95,13 @@ def stream_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
 class Agent:
     """One agent process: everything runs on one asyncio loop."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, host_checks: bool = False) -> None:
+        """`host_checks`: run `herdsman check` in the background at start and log the results
+        (the daemon does; tests that start many agents need not)."""
         if not config.url:
             raise SystemExit("herdsman run: --url / CATTLE_URL is required")
         self.config = config
+        self.host_checks = host_checks
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
@@ -105,10 +110,15 @@ class Agent:
                                     ssl_context=stream_ssl_context(config), instance_check=self._stream_instance,
                                     logger=logging.getLogger("herdsman.streams"))
         self._stream_url: str | None = None
+        self.own_metrics = AgentMetrics()
         self.dispatcher = Dispatcher(build_routes(self.driver, config, self.host_uuid, self._publish, self.stream_url),
-                                     self._publish, concurrency=config.concurrency)
+                                     self._publish, concurrency=config.concurrency, on_outcome=self.own_metrics.event_handled)
         self.client = ControllerClient(config.url, config.access_key, config.secret_key,
                                        event_names=self.dispatcher.event_names)
+        self.metrics = MetricsServer(config.metrics_listen, Scraper(
+            self.driver.domain_stats, events=self.own_metrics, controller=self.client, streams=self.streams,
+            images=self.driver.provisioner.images, stream_kinds=tuple(self.streams.routes)).scrape,
+        ) if config.metrics_listen else None
         self.notifier = Notifier.from_environ()
         self._background: set[asyncio.Task[Any]] = set()
         self._subscribed_once = False
@@ -136,6 +146,14 @@ class Agent:
             default_stream_url, self.streams.host, self.streams.port, tls=self.streams.ssl_context is not None,
             controller_url=self.config.url)
         log.info("stream server ready", extra={"url": self._stream_url})
+
+    async def _start_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            await self.metrics.start()
+        except OSError as exc:  # metrics are for the operator; the VMs still need managing
+            log.error("metrics endpoint could not listen", extra={"listen": self.config.metrics_listen, "error": str(exc)})
 
     async def _load_controller_key(self, source: str) -> None:
         """Fetch the controller's token key, retrying (capped backoff) until it works: until
@@ -196,10 +214,13 @@ class Agent:
         log.info("agent starting", extra={"hostUuid": self.host_uuid, "libvirt": self.config.libvirt_uri,
                                           **self.driver.host_facts()})
         await self._start_streams()
+        await self._start_metrics()
         tasks = [
             asyncio.create_task(self.client.run(self.dispatcher.on_frame, self._on_subscribed), name="controller"),
             asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"),
         ]
+        if self.host_checks:
+            tasks.append(asyncio.create_task(log_host_checks(self.config), name="host-check"))
         if self.config.controller_public_key:
             tasks.append(asyncio.create_task(self._load_controller_key(self.config.controller_public_key), name="token-key"))
         try:  # the listening socket is closed even when run() is cancelled
@@ -215,3 +236,5 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await self.streams.close()
+            if self.metrics is not None:
+                await self.metrics.close()

@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"herdsman run: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
-    asyncio.run(Agent(config).run())
+    asyncio.run(Agent(config, host_checks=True).run())
     return 0
 
 
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.streams.cli_console import add_commands as add_stream_commands
 
     add_stream_commands(sub, add_arguments)
+
+    from agent.check.cli import add_commands as add_check_commands
+
+    add_check_commands(sub, add_arguments)
+
+    from agent.install import add_commands as add_install_commands
+
+    add_install_commands(sub)
 
     validate = sub.add_parser("validate", help="check a virtualMachine spec (or a Cattle event); print each error with its field")
     validate.add_argument("spec", help="JSON file, or - for standard input")

@@ -35,7 +35,7 @@ SETTINGS: dict[str, Setting] = {
     "log_dir": Setting("--log-dir", "HERDSMAN_LOG_DIR", "serial console logs (default /var/log/herdsman)"),
     "domain_type": Setting("--domain-type", "HERDSMAN_DOMAIN_TYPE", "auto, kvm or qemu (default auto)"),
     "host_uuid": Setting("--host-uuid", "HERDSMAN_HOST_UUID", "default: generated once, kept in the state dir"),
-    "log_format": Setting("--log-format", "HERDSMAN_LOG_FORMAT", "json (default) or text"),
+    "log_format": Setting("--log-format", "HERDSMAN_LOG_FORMAT", "auto (default: text to systemd's journal, else json), json or text"),
     "log_level": Setting("--log-level", "HERDSMAN_LOG_LEVEL", "DEBUG, INFO (default), WARNING, ERROR"),
     "concurrency": Setting("--concurrency", "HERDSMAN_CONCURRENCY", "heavy operations at once (default 8)"),
     "network": Setting("--network", "HERDSMAN_NETWORK", "libvirt network for networkMode managed (default 'default')"),
@@ -48,6 +48,7 @@ SETTINGS: dict[str, Setting] = {
     "stream_url": Setting("--stream-url", "HERDSMAN_STREAM_URL", "the URL users' clients reach the stream server at (default ws://<this host's address>:<port>)"),
     "stream_cert": Setting("--stream-cert", "HERDSMAN_STREAM_CERT", "PEM certificate (chain) for TLS on the stream server (wss://)"),
     "stream_key": Setting("--stream-key", "HERDSMAN_STREAM_KEY", "PEM private key of --stream-cert (default: in the certificate file)"),
+    "metrics_listen": Setting("--metrics-listen", "HERDSMAN_METRICS_LISTEN", "HOST:PORT of the Prometheus /metrics endpoint (default: off)"),
     "controller_public_key": Setting("--controller-public-key", "HERDSMAN_CONTROLLER_PUBLIC_KEY",
                                      "PEM file, or http(s) URL fetched at start-up, of the key the controller signs stream tokens with"),
 }
@@ -73,7 +74,7 @@ class AgentConfig(BaseModel):
     log_dir: Path = Path("/var/log/herdsman")
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
     host_uuid: str | None = None
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     concurrency: int = Field(default=8, ge=1, le=256)
     network: str = "default"
@@ -86,11 +87,13 @@ class AgentConfig(BaseModel):
     stream_cert: Path | None = None
     stream_key: Path | None = None
     controller_public_key: str | None = None
+    metrics_listen: str | None = None
 
-    @field_validator("stream_listen")
+    @field_validator("stream_listen", "metrics_listen")
     @classmethod
-    def _stream_listen(cls, value: str) -> str:
-        parse_listen(value)
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
         return value
 
     @field_validator("stream_url")

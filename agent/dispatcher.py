@@ -24,6 +24,8 @@ from agent.protocol.events import Event, FrameError, make_error_reply, make_repl
 
 Handler = Callable[[Event], Awaitable[dict[str, Any] | None]]
 Publish = Callable[[dict[str, Any]], Awaitable[None]]
+#: (event name, "ok" or "error", seconds from arrival to outcome), e.g. for metrics
+OutcomeObserver = Callable[[str, str, float], None]
 
 DEFAULT_MAX_EVENT_BYTES = 4 << 20
 RECENT_OUTCOMES = 1024
@@ -55,8 +57,10 @@ def _fingerprint(event: Event) -> tuple[str, str, str]:
 
 class Dispatcher:
     def __init__(self, routes: dict[str, Route], publish: Publish, *, concurrency: int = 8,
-                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, logger: logging.Logger | None = None) -> None:
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, logger: logging.Logger | None = None,
+                 on_outcome: OutcomeObserver | None = None) -> None:
         self.routes = routes
+        self.on_outcome = on_outcome
         self._publish = publish
         self._heavy = asyncio.Semaphore(concurrency)
         self._max_bytes = max_event_bytes
@@ -100,7 +104,10 @@ class Dispatcher:
             if event.replyTo:
                 await self._publish_safely(make_error_reply(event, f"unknown event {event.base_name!r}"))
             return
+        started = time.monotonic()
         outcome = await self._run_once(event, route)
+        if self.on_outcome is not None:
+            self.on_outcome(event.base_name, "ok" if outcome.error is None else "error", time.monotonic() - started)
         if not event.replyTo:
             return
         if outcome.error is not None:

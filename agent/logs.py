@@ -3,6 +3,12 @@
 Both formats carry every ``extra=`` key the caller passed, so context such as an instance
 uuid or an event id is searchable. Under systemd the journal's priority prefix is added, so
 ``journalctl -p warning`` filters by level.
+
+``auto`` (the default) picks by where the lines go. Written to the journal (systemd's
+JOURNAL_STREAM names our stdout) they are text without a timestamp: journald stamps and
+prioritises each line itself, and ``journalctl -u herdsman`` is read by people; a shipper
+that wants JSON sets ``json`` and still gets the priorities. Anywhere else (a terminal, a
+file, a container's log) they are JSON.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import sys
 import time
 from typing import Any, Literal, TextIO
 
-LogFormat = Literal["json", "text"]
+LogFormat = Literal["auto", "json", "text"]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -38,14 +44,17 @@ def configure_logging(
     Calling it again replaces the handler it installed before, and leaves alone handlers
     that others (a test harness, say) attached to the root logger.
     """
+    stream = sys.stdout if stream is None else stream
+    journal = _is_journal(stream)
+    if fmt == "auto":
+        fmt = "text" if journal else "json"
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
     elif fmt == "text":
-        formatter = TextFormatter()
+        formatter = TextFormatter(timestamp=not journal)
     else:
-        raise ValueError(f"unknown log format {fmt!r}; expected 'json' or 'text'")
-    stream = sys.stdout if stream is None else stream
-    if _is_journal(stream):
+        raise ValueError(f"unknown log format {fmt!r}; expected 'auto', 'json' or 'text'")
+    if journal:
         formatter = _JournalPriority(formatter)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
@@ -100,13 +109,17 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """``ts LEVEL logger: msg key=value ...`` on one line; control characters in the message
     and values are escaped so logged user input cannot forge a line. A traceback follows
-    on indented lines, as people expect to read one."""
+    on indented lines, as people expect to read one. Without ``timestamp`` (the journal has
+    its own) the line starts at the level."""
+
+    def __init__(self, *, timestamp: bool = True) -> None:
+        super().__init__()
+        self._timestamp = timestamp
 
     def format(self, record: logging.LogRecord) -> str:
-        line = (
-            f"{_timestamp(record)} {record.levelname:<7} {record.name}: "
-            f"{_escape(record.getMessage())}"
-        )
+        line = f"{record.levelname:<7} {record.name}: {_escape(record.getMessage())}"
+        if self._timestamp:
+            line = f"{_timestamp(record)} {line}"
         pairs = " ".join(f"{key}={_text_value(value)}" for key, value in extras(record).items())
         if pairs:
             line = f"{line} {pairs}"

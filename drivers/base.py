@@ -164,3 +164,65 @@ class Hypervisor(Protocol):
     async def open_graphics(self, instance_uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
     async def guest_exec(self, instance_uuid: str, argv: Sequence[str], *, stdin: bool,
                          tty: bool) -> GuestCommand: ...
+
+    # metrics
+    async def domain_stats(self) -> list[VmSample]: ...
+
+# -- what metrics and the host check read ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskSample:
+    """One disk's I/O counters since its VM started (the hypervisor's, not the guest's view)."""
+
+    name: str
+    read_bytes: int = 0
+    write_bytes: int = 0
+    read_ops: int = 0
+    write_ops: int = 0
+
+
+@dataclass(frozen=True)
+class NicSample:
+    """One NIC's counters since its VM started, seen from the guest: rx is what it received."""
+
+    name: str
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    tx_packets: int = 0
+    rx_errors: int = 0
+    tx_errors: int = 0
+    rx_drops: int = 0
+    tx_drops: int = 0
+
+
+@dataclass(frozen=True)
+class VmSample:
+    """Counters of one VM at one moment. None where the hypervisor did not say (a stopped VM
+    has no CPU time; libvirt's test driver reports state only)."""
+
+    instance_uuid: str
+    state: VmState
+    name: str | None = None
+    cpu_seconds: float | None = None
+    vcpu_seconds: tuple[float, ...] = ()
+    vcpus: int | None = None
+    memory_bytes: int | None = None
+    memory_max_bytes: int | None = None
+    memory_rss_bytes: int | None = None
+    disks: tuple[DiskSample, ...] = ()
+    nics: tuple[NicSample, ...] = ()
+
+
+CheckStatus = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """One line of `herdsman check`: what was checked, what was found, and how to fix it."""
+
+    status: CheckStatus
+    name: str
+    detail: str
+    fix: str | None = None

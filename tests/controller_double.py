@@ -1,6 +1,7 @@
 """A real HTTP/websocket server on 127.0.0.1 that stands in for the Cattle controller in tests.
 
-It speaks the agent-facing part of the protocol (cattle-protocol.md §1): `GET /v1/subscribe`
+It speaks the agent-facing part of the protocol (cattle-protocol.md §1): `GET /v1` (the API
+root, with Basic auth, as `herdsman check` asks it), `GET /v1/subscribe`
 (Basic auth, websocket, optional keepalive `ping` events without replyTo),
 `POST /v1/publish` (only `reply.*` names, like Cattle's PublishManager for agent accounts) and
 `POST /v1/containerevents`. Tests drive it with `request()` and read what the agent sent back.
@@ -81,6 +82,7 @@ class ControllerDouble:
             sock.close()
             raise
         app = web.Application(client_max_size=_MAX_BODY)
+        app.router.add_get("/v1", self._api_root)
         app.router.add_get("/v1/subscribe", self._subscribe)
         app.router.add_post("/v1/publish", self._publish)
         app.router.add_post("/v1/containerevents", self._container_event)
@@ -241,6 +243,12 @@ class ControllerDouble:
             {"type": "error", "status": 401, "code": "Unauthorized"}, status=401,
             headers={"WWW-Authenticate": 'Basic realm="Enter API access key and secret key '
                                          'as username and password"'})
+
+    async def _api_root(self, request: web.Request) -> web.Response:
+        """`GET /v1`: Cattle's API root (what `herdsman check` asks, with the agent's keys)."""
+        if not self._authorized(request):
+            return self._unauthorized()
+        return web.json_response({"type": "apiVersion", "id": "v1", "links": {"self": str(request.url)}})
 
     async def _subscribe(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):

@@ -52,7 +52,8 @@ class NetGuest:
 
 
 @contextlib.asynccontextmanager
-async def net_guest(name: str, userdata: str, *, ready_marker: str) -> AsyncIterator[NetGuest]:
+async def net_guest(name: str, userdata: str, *, ready_marker: str, **settings: Any) -> AsyncIterator[NetGuest]:
+    """`settings` are more agent settings (AgentConfig fields), e.g. metrics_listen."""
     if os.geteuid() != 0:
         pytest.skip("needs root for qemu:///system (run scripts/test as root, as CI does)")
     token = uuid.uuid4().hex[:8]
@@ -63,7 +64,7 @@ async def net_guest(name: str, userdata: str, *, ready_marker: str) -> AsyncIter
     dirs: dict[str, Any] = {"state_dir": root / "state", "log_dir": root / "log", "storage_pool": pool}
     try:
         image = guest_manifest(root / "images")
-        async with running_agent(root, uri=SYSTEM_URI, stream_listen="127.0.0.1:0", **dirs) as (ctl, agent):
+        async with running_agent(root, uri=SYSTEM_URI, stream_listen="127.0.0.1:0", **dirs, **settings) as (ctl, agent):
             # opened once the agent has bound libvirt's event loop to this test loop
             system_connection().close()  # skips when libvirtd is away
             inst = vm_instance(name, memory_mb=160, imageUuid=image, userdata=userdata, hostname=name)

@@ -9,7 +9,7 @@ import sys
 import libvirt
 import pytest
 
-from bench import activate, fixtures, procwatch
+from bench import activate, fixtures, metrics, procwatch
 from bench.common import REPO, Result, Summary, Target, append_result, percentile
 from drivers.libvirt.domxml import metadata
 
@@ -86,3 +86,9 @@ def test_command_line_rejects_unknown_benchmarks():
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "unknown benchmark" in done.stderr and "activate" in done.stderr
+
+
+async def test_metrics_full_stats_scrapes_serve_every_vm():
+    found = await metrics.full_scrapes(3, 2)
+    assert len(found["scrape"]) == 2 and len(found["parse"]) == 5
+    assert min(found["bytes"]) > 3 * 34 * 40  # 34 series per VM, each line longer than 40 bytes

@@ -191,6 +191,25 @@ def test_journal_priority_prefix_only_on_the_journal_stream(
     assert not (tmp_path / "other").read_text().startswith("<")
 
 
+def test_auto_is_text_without_timestamp_on_the_journal_and_json_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """journald stamps and prioritises each line: there, a person reads `journalctl -u`."""
+    with open(tmp_path / "journal", "w") as journal, open(tmp_path / "file", "w") as other:
+        st = os.fstat(journal.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        configure_logging("auto", stream=journal)
+        log.info("agent starting", extra={"hostUuid": "h-1"})
+        log.error("event failed", extra={"error": "no such VM"})
+        configure_logging("auto", stream=other)
+        log.info("agent starting")
+    assert (tmp_path / "journal").read_text().splitlines() == [
+        f"<6>INFO    {log.name}: agent starting hostUuid=h-1",
+        f'<3>ERROR   {log.name}: event failed error="no such VM"',
+    ]
+    assert json.loads((tmp_path / "file").read_text())["msg"] == "agent starting"
+
+
 def test_defaults_to_the_process_stdout() -> None:
     code = (
         "import logging\nfrom agent.logs import configure_logging\n"

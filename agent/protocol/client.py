@@ -91,6 +91,9 @@ class ControllerClient:
         self._posting = asyncio.Semaphore(POST_CONCURRENCY)
         self._running = False
         self._closed = False
+        #: connection attempts and successful subscriptions since start (more than one: reconnects)
+        self.connection_attempts = 0
+        self.subscriptions = 0
         self._stop = asyncio.Event()
 
     # -- subscription ---------------------------------------------------------------------
@@ -132,6 +135,7 @@ class ControllerClient:
                 )
                 auth_failed = False
                 uptime = 0.0
+                self.connection_attempts += 1
                 try:
                     uptime = await self._session(on_frame, on_connected)
                 except InvalidStatus as exc:
@@ -197,6 +201,7 @@ class ControllerClient:
             return 0.0
         started = loop.time()
         self._ws = ws
+        self.subscriptions += 1
         self._log.info(
             "subscribed to controller events",
             extra={"url": _redact(self.subscribe_url), "events": self.event_names},

@@ -29,6 +29,7 @@ import ssl
 import time
 import uuid as uuid_module
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -135,6 +136,10 @@ class StreamServer:
         self._log = logger or logging.getLogger("herdsman.streams")
         self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
+        #: streams opened and open now by kind, and handshakes refused by HTTP status (for metrics)
+        self.opened: Counter[str] = Counter()
+        self.active: Counter[str] = Counter()
+        self.refused: Counter[int] = Counter()
 
     @property
     def port(self) -> int:
@@ -172,6 +177,7 @@ class StreamServer:
         return Subprotocol(BINARY) if BINARY in offered else None
 
     def _refuse(self, connection: ServerConnection, status: int, reason: str, path: str) -> Response:
+        self.refused[status] += 1
         remote = connection.remote_address
         self._log.warning("stream refused", extra={"status": status, "reason": reason, "path": path,
                                                    "remote": f"{remote[0]}:{remote[1]}" if remote else None})
@@ -210,6 +216,8 @@ class StreamServer:
                    "remote": f"{remote[0]}:{remote[1]}" if remote else None, "subprotocol": ws.subprotocol}
         started = time.monotonic()
         self._log.info("stream opened", extra=context)
+        self.opened[claims.kind] += 1
+        self.active[claims.kind] += 1
         watchdog = asyncio.create_task(self._cut_when_stalled(ws, context))
         try:
             await handler(ws, claims)
@@ -221,6 +229,7 @@ class StreamServer:
             self._log.exception("stream handler failed", extra=context)
             await ws.close(CLOSE_UNAVAILABLE, _reason(str(exc) or type(exc).__name__))
         finally:
+            self.active[claims.kind] -= 1
             watchdog.cancel()
             self._log.info("stream closed", extra={**context, "seconds": round(time.monotonic() - started, 3),
                                                    "code": ws.close_code})

@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +114,8 @@ class ImageCache:
         self._log = logger or logging.getLogger("herdsman.images")
         self._flights: dict[str, _Flight] = {}
         self._swept = False
+        #: ("disk" or "kernel", "hit" or "miss") → requests since start; a miss fetches or joins a fetch
+        self.lookups: Counter[tuple[str, str]] = Counter()
 
     @property
     def work_dir(self) -> Path:
@@ -139,11 +142,14 @@ class ImageCache:
                 found = await threads.call(self._find_cached, conn, key)
             except libvirt.libvirtError as exc:
                 raise ImageError(f"image {display_url(ref.url)}: libvirt: {exc.get_error_message()}") from None
+            self.lookups["disk", "hit" if found is not None else "miss"] += 1
             if found is not None:
                 return found
             flight = self._flights.get(f"disk:{key}")  # re-read: one may have started meanwhile
             if flight is None:
                 flight = self._start(f"disk:{key}", lambda f: self._download_disk(conn, ref, digest, key, f))
+        else:
+            self.lookups["disk", "miss"] += 1
         return await self._join(flight, progress)
 
     def _find_cached(self, conn: libvirt.virConnect, key: str, create_pool: bool = True) -> BaseImage | None:
@@ -237,7 +243,9 @@ class ImageCache:
         if flight_key not in self._flights:
             boot = await asyncio.to_thread(read_kernel_dir, target, display_url(ref.url))
             if boot is not None:
+                self.lookups["kernel", "hit"] += 1
                 return boot
+        self.lookups["kernel", "miss"] += 1
         flight = self._flights.get(flight_key)  # re-read: one may have started meanwhile
         if flight is None:
             flight = self._start(flight_key, lambda f: self._download_kernel(ref, digest, target, f))
@@ -273,6 +281,21 @@ class ImageCache:
         boot = await asyncio.to_thread(read_kernel_dir, target, shown)
         assert boot is not None
         return boot
+
+    def cached_bytes(self) -> int:
+        """Disk space the cached images use (blocks allocated, so sparse raw images count what
+        they really take). Reads directories: call it off the event loop."""
+        files = list(self.pool_path.glob("image-*"))
+        kernels = self.layout.state_dir / "kernels"
+        if kernels.is_dir():
+            files += [f for d in kernels.iterdir() if d.is_dir() and not d.name.startswith(".") for f in d.iterdir()]
+        total = 0
+        for path in files:
+            try:
+                total += path.lstat().st_blocks * 512
+            except OSError:  # removed while we looked
+                pass
+        return total
 
     # -- shared machinery -----------------------------------------------------------------
 

@@ -220,3 +220,24 @@ def test_nothing_unvalidated_reaches_the_script() -> None:
         TableConfig("filter; flush ruleset")
     with pytest.raises(ValueError):
         TableConfig("hm", mark=0x3)
+
+
+def test_listeners_are_read_from_proc_net(tmp_path) -> None:
+    from drivers.ports.host import listeners
+
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    (tmp_path / "tcp").write_text(head +
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1\n"
+        "   1: 0202000A:0016 0302000A:D431 01 00000000:00000000 00:00000000 00000000     0        0 112 1\n")
+    (tmp_path / "tcp6").write_text(head +
+        "   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 0 0 0 0 0 113 1\n"
+        "   1: 00000000000000000000000001000000:0051 00000000000000000000000000000000:0000 0A 0 0 0 0 0 114 1\n"
+        "   2: 0000000000000000FFFF00000202000A:0052 00000000000000000000000000000000:0000 0A 0 0 0 0 0 115 1\n")
+    (tmp_path / "udp").write_text(head +
+        "   0: 3500007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000   101        0 116 2\n")
+    assert {(l.protocol, l.address, l.port, l.inode) for l in listeners(root=tmp_path)} == {
+        ("tcp", "127.0.0.1", 8080, 111),  # the established socket (st 01) is not a listener
+        ("tcp", "0.0.0.0", 80, 113),  # '::' takes IPv4 too; '::1' (port 81) does not
+        ("tcp", "10.0.2.2", 82, 115),  # v4-mapped
+        ("udp", "127.0.0.53", 53, 116),
+    }

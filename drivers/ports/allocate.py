@@ -34,7 +34,8 @@ class Listener:
     protocol: str
     address: str
     port: int
-    process: str | None = None  # "sshd (pid 612)", when known
+    process: str | None = None  # "sshd, pid 612", when known
+    inode: int = 0  # the socket's, to find its process when a refusal names it
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,13 @@ def _start(instance_uuid: str, index: int, port_range: PortRange) -> int:
 
 def allocate(instance_uuid: str, requests: Sequence[PortRequest], *,
              others: Mapping[str, Sequence[PortBinding]], host: HostView,
-             port_range: PortRange = PortRange(), previous: Sequence[PortBinding] = ()) -> tuple[PortBinding, ...]:
+             port_range: PortRange = PortRange(), previous: Sequence[PortBinding] = (),
+             owner: Callable[[Listener], str | None] | None = None) -> tuple[PortBinding, ...]:
     """The bindings for `requests`, in order, or PortConflict naming an entry that cannot be had.
 
     others: every other VM of this host (defined, running or not) → its bindings; a VM keeps
-    its ports while it exists. previous: this VM's bindings from its metadata.
+    its ports while it exists. previous: this VM's bindings from its metadata. owner: names the
+    process behind a listener when a refusal mentions it (drivers.ports.host.owner).
     """
     vms = _Holders()
     for uuid, bindings in others.items():
@@ -96,11 +99,17 @@ def allocate(instance_uuid: str, requests: Sequence[PortRequest], *,
             continue
         for b in bindings:
             vms.add(b.protocol, b.host_ip, b.host_port, f"virtual machine {uuid}")
-    processes = _Holders()
+    processes: dict[tuple[str, int], list[Listener]] = defaultdict(list)
     for listener in host.listeners:
-        who = f"a host process listens on {listener.address}:{listener.port}/{listener.protocol}"
-        processes.add(listener.protocol, listener.address, listener.port,
-                      f"{who} ({listener.process})" if listener.process else who)
+        processes[(listener.protocol, listener.port)].append(listener)
+
+    def process_holder(protocol: str, address: str, port: int) -> str | None:
+        for held in processes.get((protocol, port), ()):
+            if held.address == ANY_ADDRESS or address == ANY_ADDRESS or held.address == address:
+                who = f"a host process listens on {held.address}:{held.port}/{held.protocol}"
+                name = held.process or (owner(held) if owner is not None else None)
+                return f"{who} ({name})" if name else who
+        return None
     mine = _Holders()
     reusable = [b for b in previous if b.auto]
     addresses = [_host_address(r, i, host) for i, r in enumerate(requests)]
@@ -113,7 +122,7 @@ def allocate(instance_uuid: str, requests: Sequence[PortRequest], *,
         held = vms.holder(protocol, address, port)
         if held is not None:
             return f"it is already published by {held}"
-        return processes.holder(protocol, address, port)
+        return process_holder(protocol, address, port)
 
     def give(index: int, port: int, auto: bool) -> None:
         request, address = requests[index], addresses[index]

@@ -45,7 +45,7 @@ class PortPublisher:
                  others: Mapping[str, Sequence[PortBinding]], previous: Sequence[PortBinding] = (),
                  view: HostView | None = None) -> tuple[PortBinding, ...]:
         """Bindings for one VM's requests (PortConflict naming `ports.N` when one cannot be had)."""
-        return allocate(instance_uuid, requests, others=others, previous=previous,
+        return allocate(instance_uuid, requests, others=others, previous=previous, owner=host.owner,
                         host=view if view is not None else host.host_view(), port_range=self.port_range)
 
     def render(self, vms: Iterable[PublishedVm]) -> Ruleset:

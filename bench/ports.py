@@ -74,5 +74,5 @@ async def run(quick: bool, shared: dict[str, Any]) -> Result:
         name="ports",
         ratio=sync / bare,
         figures={"VMs": str(count), **{f"{name} ms": fmt(Summary.of(v).median * 1000) for name, v in times.items()}},
-        notes=[f"{version}; allocation includes reading the host's sockets and addresses (psutil)"],
+        notes=[f"{version}; allocation includes reading the host's sockets (/proc/net) and addresses (psutil)"],
     )

@@ -8,7 +8,7 @@ FORWARD ahead of libvirt's reject for clients on other hosts (forward.py).
 
     model.py      PortRequest, PortBinding (kept in the VM's metadata), PublishedVm, PortRange
     allocate.py   host ports for one VM, conflict checks (pure)
-    host.py       the host's addresses, listening sockets, bridge networks (psutil)
+    host.py       the host's addresses, listening sockets, bridge networks (/proc/net, psutil)
     ruleset.py    every VM's bindings → the table's nft script (pure)
     nft.py        `nft -f` and `nft -j list`
     localnet.py   route_localnet

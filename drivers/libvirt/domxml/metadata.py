@@ -12,6 +12,7 @@ import json
 from lxml import etree
 
 from drivers.libvirt.domxml.model import AgentMetadata
+from drivers.ports.model import PortBinding, bindings_from_json, bindings_to_json
 
 NAMESPACE = "https://herdsman.dev/xmlns/domain/1"
 PREFIX = "herdsman"
@@ -37,6 +38,7 @@ def metadata_element(meta: AgentMetadata, *, qualified: bool = True) -> etree._E
         ("labels", _json(meta.labels)),
         ("spec", _json(meta.spec)),
         ("userdataDigest", meta.userdata_digest),
+        ("ports", bindings_to_json(meta.ports) if meta.ports else None),
     ):
         if text is not None:
             etree.SubElement(root, q % tag).text = text
@@ -46,6 +48,15 @@ def metadata_element(meta: AgentMetadata, *, qualified: bool = True) -> etree._E
 def metadata_xml(meta: AgentMetadata) -> str:
     """The element alone, as `virDomain.setMetadata` takes it (with KEY and NAMESPACE)."""
     return etree.tostring(metadata_element(meta, qualified=False), encoding="unicode")
+
+
+def _ports(text: str | None) -> tuple[PortBinding, ...]:
+    """The VM's port bindings; unreadable ones (a hand-edited domain) are dropped, not the VM:
+    the next activate allocates its ports again."""
+    try:
+        return bindings_from_json(text)
+    except ValueError:
+        return ()
 
 
 class NotOurs(ValueError):
@@ -83,5 +94,6 @@ def parse_metadata(xml: str | bytes | etree._Element) -> AgentMetadata:
         spec=json.loads(text("spec") or "{}"),
         labels=json.loads(text("labels") or "{}"),
         userdata_digest=text("userdataDigest"),
+        ports=_ports(text("ports")),
         format_version=version,
     )

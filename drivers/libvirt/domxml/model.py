@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from drivers.ports.model import PortBinding
+
 
 @dataclass
 class AgentMetadata:
@@ -20,6 +22,8 @@ class AgentMetadata:
     spec: dict = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     userdata_digest: str | None = None
+    #: the host ports given to the spec's `ports` (kept so a chosen port survives restarts)
+    ports: tuple[PortBinding, ...] = ()
     format_version: int = 1
 
 

@@ -24,10 +24,11 @@ from agent.streams.logs import LogsHandler
 from agent.streams.proxy import ProxyHandler
 from agent.streams.server import Handler, StreamRefused, StreamServer
 from agent.systemd import Notifier
-from drivers.base import HostEvent, NotFound, Unavailable
-from drivers.libvirt.domxml.inputs import HostPolicy
+from drivers.base import DriverError, HostEvent, NotFound, Unavailable
 from drivers.libvirt import threads
+from drivers.libvirt.domxml.inputs import HostPolicy
 from drivers.libvirt.driver import LibvirtDriver
+from drivers.libvirt.host_dirs import make_dir
 from drivers.libvirt.layout import HostLayout
 
 log = logging.getLogger("herdsman")
@@ -102,7 +103,7 @@ class Agent:
             raise SystemExit("herdsman run: --url / CATTLE_URL is required")
         self.config = config
         self.host_checks = host_checks
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(config.state_dir)  # missing parents too, traversable for qemu whatever the umask
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
         self.stream_verifier = TokenVerifier(self.host_uuid, local_secret=secret(config, "streams"))
@@ -210,7 +211,10 @@ class Agent:
         self.driver.add_event_listener(self._on_host_event)
         self.driver.add_availability_listener(self._on_libvirt)
         self.notifier.status("connecting to libvirt")
-        await self.driver.start()
+        try:
+            await self.driver.start()
+        except DriverError as exc:  # a host the agent must not run on as it is (see the message)
+            raise SystemExit(f"herdsman run: {exc}") from None
         log.info("agent starting", extra={"hostUuid": self.host_uuid, "libvirt": self.config.libvirt_uri,
                                           **self.driver.host_facts()})
         await self._start_streams()

@@ -22,6 +22,7 @@ from agent.protocol.events import Event
 from agent.spec.cattle import spec_from_document
 from agent.spec.errors import SpecError
 from drivers.base import DriverError, NotFound, VmRecord
+from drivers.libvirt.host_dirs import make_dir
 
 
 def local_config(args: argparse.Namespace) -> AgentConfig:
@@ -56,7 +57,7 @@ class LocalSession:
     def __init__(self, config: AgentConfig) -> None:
         from agent.app import build_driver
 
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(config.state_dir)  # missing parents too, traversable for qemu whatever the umask
         self.config = config
         self.driver = build_driver(config)
         self.handlers = ComputeHandlers(self.driver, stop_timeout=config.stop_timeout)

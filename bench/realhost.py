@@ -235,7 +235,10 @@ class Pinger:
                 if reply.get("transitioning") == "error":
                     self.failures += 1
                 else:
-                    self.latencies.setdefault(phase, []).append(time.perf_counter() - started)
+                    elapsed = time.perf_counter() - started
+                    self.latencies.setdefault(phase, []).append(elapsed)
+                    kind = "with instances" if options["instances"] else "host only"
+                    self.latencies.setdefault(f"{phase}, {kind}", []).append(elapsed)
             except TimeoutError:
                 self.failures += 1
             await asyncio.sleep(max(0.0, self.every - (time.perf_counter() - started)))
@@ -275,7 +278,7 @@ async def pingload(quick: bool, shared: dict[str, Any]) -> Result:
         task.cancel()
         assert run.watchdog is not None
         idle_gap = run.watchdog.max_gap(0, time.monotonic())
-    rows = [summary_row(f"ping, {phase}", values) for phase, values in pinger.latencies.items()]
+    rows = [summary_row(f"ping, {phase}", values) for phase, values in sorted(pinger.latencies.items())]
     rows += [summary_row(f"activate, {count} at once", wave["activate"]) for count, wave in waves.items()]
     print_table("pingload: pings every 100 ms while VMs start (real libvirtd, TCG)", SUMMARY_HEADER, rows)
     idle = Summary.of([v * 1000 for v in pinger.latencies.get("idle", [])])

@@ -16,7 +16,7 @@ import pytest
 
 from agent.check import exit_code, format_lines
 from agent.check.host import clock, clock_skew, disk_space
-from agent.check.paths import can_search, first_blocked
+from drivers.libvirt.host_dirs import can_search, first_blocked
 from agent.check.startup import log_host_checks
 from agent.config import AgentConfig
 from drivers.base import HostCheck

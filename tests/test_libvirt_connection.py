@@ -29,8 +29,8 @@ from drivers.libvirt.connection import (
 )
 from drivers.libvirt.events import LifecycleEvent, event_names, to_lifecycle_event
 from tests.libvirtd_fixtures import needs_libvirtd
+from tests.unix_proxy import UnixProxy
 
-SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -290,80 +290,6 @@ async def test_get_while_disconnected_names_the_uri_and_why(tmp_path: Path) -> N
 
 # -- the real libvirtd, through a proxy the test controls --------------------------------
 
-class UnixProxy:
-    """Forwards a private unix socket to libvirtd's. ``cut`` drops every connection (the
-    client sees EOF, as when libvirtd dies); ``freeze`` keeps connections open but silent
-    (a hung daemon: only keepalive notices). Runs its own loop in a thread so the blocking
-    libvirt calls on the test's loop cannot starve it."""
-
-    def __init__(self, path: Path, target: str = SYSTEM_SOCKET) -> None:
-        self.path, self.target = str(path), target
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server: asyncio.AbstractServer | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.frozen = False
-        self.thread.start()
-
-    def _run(self, coro: object) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self.loop).result(5)  # type: ignore[arg-type]
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                while self.frozen and not dst.is_closing():
-                    await asyncio.sleep(0.05)
-                dst.write(data)
-                await dst.drain()
-        except (OSError, RuntimeError):
-            pass
-        finally:
-            dst.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_unix_connection(self.target)
-        except OSError:
-            writer.close()
-            return
-        self.writers.update((writer, up_writer))
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-        self.writers.difference_update((writer, up_writer))
-
-    async def _listen(self) -> None:
-        self.frozen = False
-        self.server = await asyncio.start_unix_server(self._handle, path=self.path)
-
-    async def _stop_listening(self, drop: bool) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        if drop:
-            for w in list(self.writers):
-                w.close()
-
-    def listen(self) -> None:
-        self._run(self._listen())
-
-    def cut(self) -> None:
-        self._run(self._stop_listening(drop=True))
-
-    def freeze(self) -> None:
-        self.frozen = True
-        self._run(self._stop_listening(drop=False))
-
-    def restore(self) -> None:
-        self._run(self._stop_listening(drop=True))
-        self.listen()
-
-    def stop(self) -> None:
-        self.cut()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[UnixProxy]:
     p = UnixProxy(tmp_path / "libvirt-sock")
@@ -445,21 +371,21 @@ async def test_reconnects_and_reregisters_events_after_the_daemon_drops(
 
 
 @needs_libvirtd
-async def test_keepalive_notices_a_hung_daemon(proxy: UnixProxy, domain_name: str) -> None:
+async def test_the_liveness_probe_notices_a_hung_daemon(proxy: UnixProxy, domain_name: str) -> None:
     proxy.listen()
     uri = f"qemu+unix:///system?socket={proxy.path}"
     conn = LibvirtConnection(uri, backoff_initial=0.1, backoff_cap=0.4,
-                             keepalive_interval=1, keepalive_count=1)
+                             probe_interval=1, probe_misses=1)
     rec = Recorder(conn, domain_name)
     await conn.start()
     try:
         await conn.wait_connected(5)
         proxy.freeze()
         frozen_at = time.monotonic()
-        await wait_for(lambda: rec.ups == [True, False], 6, "keepalive to give up")
+        await wait_for(lambda: rec.ups == [True, False], 6, "the probe to give up")
         noticed_after = time.monotonic() - frozen_at
         assert noticed_after < 4, noticed_after
-        with pytest.raises(LibvirtUnavailable, match="keepalive"):
+        with pytest.raises(LibvirtUnavailable, match="did not answer"):
             conn.get()
         proxy.restore()
         await wait_for(lambda: rec.ups == [True, False, True], 3, "the reconnect")

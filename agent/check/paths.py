@@ -9,32 +9,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from drivers.base import CheckStatus, HostCheck
-
-
-def can_search(st: os.stat_result, uid: int, gids: Collection[int]) -> bool:
-    """POSIX permission check for x on a directory: the owner's bits when `uid` owns it, else
-    the group's when one of `gids` is its group, else the others'. (ACLs are not read.)"""
-    if uid == 0:
-        return True
-    mode = st.st_mode
-    if st.st_uid == uid:
-        return bool(mode & stat.S_IXUSR)
-    if st.st_gid in gids:
-        return bool(mode & stat.S_IXGRP)
-    return bool(mode & stat.S_IXOTH)
-
-
-def first_blocked(path: Path, uid: int, gids: Collection[int]) -> tuple[Path, os.stat_result] | None:
-    """The first folder from / down to `path` that `uid` cannot search; None when every
-    existing one is searchable (a missing tail is created by the agent later)."""
-    for folder in [*reversed(path.parents), path]:
-        try:
-            st = folder.stat()
-        except FileNotFoundError:
-            return None
-        if not can_search(st, uid, gids):
-            return folder, st
-    return None
+from drivers.libvirt.host_dirs import first_blocked
 
 
 def traversal_check(name: str, root: Path, subdirs: Sequence[str], *, uid: int, gids: Collection[int], who: str,

@@ -88,7 +88,7 @@ class AddressBook:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                domains = {d.UUIDString(): d for d in await threads.call(running)}
+                domains = {d.UUIDString(): d for d in await threads.call(running, lane="query")}
             except Exception as exc:  # libvirt away: try again next tick
                 self._log.debug("address refresh skipped", extra={"error": str(exc)})
                 continue
@@ -97,6 +97,6 @@ class AddressBook:
                     self._known.pop(uuid)
             for uuid in self._due(domains):
                 try:
-                    await threads.call(self.refresh, domains[uuid])
+                    await threads.call(self.refresh, domains[uuid], lane="query")
                 except (libvirt.libvirtError, threads.LibvirtTimeout):
                     continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
@@ -110,6 +111,17 @@ def _local_kvm_modules() -> list[str]:
     return sorted(names)
 
 
+_DAC_LABEL = re.compile(r"\+?(\d+):\+?(\d+)\Z")
+
+
+def dac_label(caps: etree._Element, domain_type: str) -> tuple[int, int] | None:
+    """(uid, gid) qemu runs as, from the capabilities' DAC base label (`+64055:+64055`)."""
+    labels = caps.findall("host/secmodel[model='dac']/baselabel")
+    chosen = next((el for el in labels if el.get("type") == domain_type), labels[0] if labels else None)
+    match = _DAC_LABEL.match((chosen.text or "").strip()) if chosen is not None else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _domcaps(conn: libvirt.virConnect, arch: str, virttype: str) -> etree._Element | None:
     try:
         xml = conn.getDomainCapabilities(None, arch, None, virttype, 0)
@@ -178,8 +190,10 @@ def probe_host_profile(conn: libvirt.virConnect,
         machine = "pc"
         warnings.append(f"libvirt names no machine type for {arch}/{domain_type}; using 'pc'")
 
+    qemu = dac_label(caps, domain_type)
     return HostProfile(
         domain_type=domain_type, arch=arch, machine=machine, emulator=emulator,
+        qemu_uid=qemu[0] if qemu else None, qemu_gid=qemu[1] if qemu else None,
         host_cpus=conn.getInfo()[2], session=session,
         libvirt_version=_version(conn.getLibVersion()), qemu_version=_version(conn.getVersion()),
         warnings=tuple(warnings),

@@ -8,9 +8,15 @@ Lessons this module encodes:
 - After a reconnect the domain event callbacks must be registered again on the new
   connection, or events silently stop (KubeVirt #194). Every (re)open goes through one
   function that registers everything.
-- A lost daemon is noticed by libvirt's close callback (EOF, keepalive timeout, error) and by
-  ``isAlive()`` on use; the connection is then reopened with capped exponential backoff and
-  jitter, so a fleet of agents does not hammer a restarting libvirtd in lock step.
+- A lost daemon is noticed by libvirt's close callback (EOF, error), by ``isAlive()`` on use,
+  and a hung one by our own liveness probe: a cheap call every few seconds that must answer
+  within ``probe_interval * probe_misses``. libvirt's own client keepalive is switched off: in
+  libvirt 9.0 a keepalive timeout with several calls waiting on the connection fails the first
+  and leaves the others waiting for ever (and the process crashes later), while an end of file
+  fails them all. A connection given up this way is not closed while calls may still wait on
+  it; it goes when its last user lets go. The connection is then reopened with capped
+  exponential backoff and jitter, so a fleet of agents does not hammer a restarting libvirtd in
+  lock step.
 - ``libvirt.open`` has no timeout: a daemon that accepts and never answers would block the
   caller for good. The open runs on a worker thread with a timeout; a connection that arrives
   after its caller gave up is closed at once.
@@ -72,14 +78,14 @@ class LibvirtConnection:
     """
 
     def __init__(self, uri: str, *, backoff_initial: float = 0.5, backoff_cap: float = 30.0,
-                 keepalive_interval: int = 5, keepalive_count: int = 3, open_timeout: float = 30.0,
+                 probe_interval: float = 5.0, probe_misses: int = 3, open_timeout: float = 30.0,
                  logger: logging.Logger | None = None) -> None:
         self.uri = uri
         self.open_timeout = open_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backoff_initial = backoff_initial
         self._backoff_cap = backoff_cap
-        self._keepalive = (keepalive_interval, keepalive_count)
+        self._probe = (probe_interval, probe_misses)
         self._log = logger or logging.getLogger(__name__)
         self._rng = random.Random()
         self._conn: libvirt.virConnect | None = None
@@ -89,6 +95,8 @@ class LibvirtConnection:
         self._lifecycle_listeners: list[LifecycleListener] = []
         self._connection_listeners: list[ConnectionListener] = []
         self._crashed: set[str] = set()
+        self._prober: asyncio.Task[None] | None = None
+        self._hung = False
         self._up = asyncio.Event()
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -141,6 +149,8 @@ class LibvirtConnection:
     async def close(self) -> None:
         """Stop reconnecting, deregister callbacks and close the connection."""
         self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -166,11 +176,13 @@ class LibvirtConnection:
                 attempt = 0
                 await self._lost.wait()
                 self._lost.clear()
-                dead, self._dead = self._dead, None
-                if dead is not None:
-                    await self._drop(dead)
                 self._log.warning("libvirt at %s lost: %s; reconnecting", self.uri, self._reason)
                 self._notify(False)
+                dead, self._dead = self._dead, None
+                if dead is not None and not self._hung:
+                    # a hung daemon would hold this forever; its callbacks are ignored anyway
+                    await self._drop(dead)
+                self._hung = False
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a dead supervisor would mean no reconnect, ever
@@ -201,6 +213,7 @@ class LibvirtConnection:
         self._conn = conn
         self._up.set()
         self._reason = "connected"
+        self._prober = asyncio.get_running_loop().create_task(self._probe_liveness(conn), name=f"libvirt-probe {self.uri}")
         self._log.info("connected to libvirt at %s", self.uri)
         self._notify(True)
         return True
@@ -208,7 +221,7 @@ class LibvirtConnection:
     def _register(self, conn: libvirt.virConnect) -> None:
         """Everything a fresh connection needs; runs on every (re)open."""
         try:
-            conn.setKeepAlive(*self._keepalive)
+            conn.setKeepAlive(-1, 0)  # off: see the module docstring; _probe_liveness does its job
         except libvirt.libvirtError as e:
             # Local drivers (test:///, embedded) have no keepalive; EOF still closes them.
             if e.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
@@ -216,6 +229,26 @@ class LibvirtConnection:
         conn.registerCloseCallback(self._on_close, None)
         self._callback_id = conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+
+    async def _probe_liveness(self, conn: libvirt.virConnect) -> None:
+        """While `conn` is the connection: a cheap round trip every interval; no answer within
+        interval × misses means the daemon hangs, and the connection is given up."""
+        interval, misses = self._probe
+        limit = interval * misses
+        while self._conn is conn:
+            await asyncio.sleep(interval)
+            try:
+                await threads.call(conn.getLibVersion, timeout=limit, lane="probe",
+                                   what=f"a liveness probe of {self.uri}")
+            except threads.LibvirtTimeout:
+                if self._conn is conn:
+                    self._hung = True
+                    self._mark_lost(f"libvirtd did not answer for {limit:g} s (hung?)")
+                return
+            except libvirt.libvirtError as e:
+                if self._conn is conn and not conn.isAlive():
+                    self._mark_lost(str(e).strip() or "connection failed")
+                    return
 
     async def _teardown(self) -> None:
         conn, self._conn = self._conn, None
@@ -226,7 +259,7 @@ class LibvirtConnection:
                 await self._drop(c)
 
     async def _drop(self, conn: libvirt.virConnect) -> None:
-        """Deregister and close (on a worker thread, with a short timeout: it may be dead)."""
+        """Deregister and let go (on a worker thread, with a short timeout: it may be dead)."""
         callback_id, self._callback_id = self._callback_id, None
         try:
             await threads.call(self._drop_now, conn, callback_id, timeout=10, what=f"close {self.uri}")
@@ -234,7 +267,11 @@ class LibvirtConnection:
             self._log.debug("libvirt cleanup on %s: %s", self.uri, e)
 
     def _drop_now(self, conn: libvirt.virConnect, callback_id: int | None) -> None:
-        steps: list[Callable[[], object]] = [conn.unregisterCloseCallback, conn.close]
+        """Deregister our callbacks. The connection is not closed here: other worker threads
+        may still be inside a call on it (a hung daemon, a slow create), and closing a
+        connection under a running call crashes the process. The last reference to go (the
+        call's own, when it returns or fails) closes it."""
+        steps: list[Callable[[], object]] = [conn.unregisterCloseCallback]
         if callback_id is not None:
             steps.insert(0, lambda: conn.domainEventDeregisterAny(callback_id))
         for step in steps:
@@ -266,10 +303,13 @@ class LibvirtConnection:
                       detail: int, opaque: object) -> None:
         # name and uuid are kept in the domain object: no call to the daemon here
         if self._loop is not None:
-            threads.on_loop(self._loop, self._dispatch_lifecycle, dom.UUIDString(), dom.name(),
+            threads.on_loop(self._loop, self._dispatch_lifecycle, conn, dom.UUIDString(), dom.name(),
                             event, detail, time.time())
 
-    def _dispatch_lifecycle(self, uuid: str, name: str, event: int, detail: int, when: float) -> None:
+    def _dispatch_lifecycle(self, conn: libvirt.virConnect, uuid: str, name: str, event: int, detail: int,
+                            when: float) -> None:
+        if conn is not self._conn:
+            return  # a connection given up (hung daemon) that came back to life: old news
         ev = to_lifecycle_event(uuid, name, event, detail, when, after_crash=uuid in self._crashed)
         if ev.event == "crashed":
             self._crashed.add(uuid)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -36,7 +37,7 @@ from drivers.base import (
     VmRecord,
     VmSample,
 )
-from drivers.libvirt import inventory, stats, threads
+from drivers.libvirt import host_dirs, inventory, stats, storage, threads
 from drivers.libvirt.addresses import LEASES, AddressBook
 from drivers.libvirt.capabilities import probe_host_profile
 from drivers.libvirt.connection import LibvirtConnection, LibvirtUnavailable
@@ -46,6 +47,7 @@ from drivers.libvirt.domxml.inputs import HostPolicy, RenderInput
 from drivers.libvirt.domxml.model import AgentMetadata
 from drivers.libvirt.domxml.writer import to_xml
 from drivers.libvirt.events import LifecycleEvent
+from drivers.libvirt.host_dirs import HostDirError
 from drivers.libvirt.host_profile import HostProfile
 from drivers.libvirt.provision import Provisioner
 from drivers.libvirt.stream_access import StreamAccess
@@ -58,6 +60,12 @@ _UNDEFINE_FLAGS = (
 _STOP_POLL_SECONDS = 0.2
 #: Events after which a domain we do not know yet may be ours (virsh define, a migration in).
 _LEARN_ON = ("defined", "started")
+#: A ping or a scrape waits this long for libvirt, then answers without it (Cattle waits 15 s).
+_QUERY_TIMEOUT = 5.0
+#: States are read in full this often (events keep them current in between); a list older
+#: than _STATES_STALE (libvirt not answering) is read again before a ping uses it.
+_STATES_EVERY = 10.0
+_STATES_STALE = 60.0
 #: How long the lifecycle events of the agent's own operation may take to arrive from libvirt's
 #: event thread; they are not host events (the operation's reply reports the state).
 _OWN_EVENT_WINDOW = 30.0
@@ -93,7 +101,11 @@ class LibvirtDriver:
         self._adoption: asyncio.Task[None] | None = None
         self._learning: dict[str, list[LifecycleEvent]] = {}
         self._own: dict[str, list[tuple[str, float]]] = {}
+        self._states = inventory.StateBook()
         self._background: set[asyncio.Task[Any]] = set()
+        self._host_prepared = False
+        self._dir_problem = False
+        self._setup_problem: str | None = None  # refuses new VMs (and, at start-up, the start)
         self.provisioner = Provisioner(policy, logger=self._log)
         self.addresses = AddressBook(sources=LEASES, logger=self._log)
         self.streams = StreamAccess(self, network=policy.network if policy.network else None, logger=self._log)
@@ -107,7 +119,10 @@ class LibvirtDriver:
         await self._conn.start()
         if self._adoption is not None:
             await asyncio.shield(self._adoption)
+            if self._setup_problem is not None and self._dir_problem:
+                raise HostDirError(self._setup_problem)
         self._address_task = asyncio.create_task(self.addresses.run(self._running_domains), name="addresses")
+        self._spawn(self._keep_states())
 
     async def wait_ready(self, timeout: float) -> None:
         await self._conn.wait_connected(timeout)
@@ -146,6 +161,8 @@ class LibvirtDriver:
     async def _after_connect(self) -> None:
         try:
             await self._adopt()
+            if not self._host_prepared:
+                await self._prepare_host()
         except (libvirt.libvirtError, DriverError, LibvirtUnavailable) as exc:
             self._log.warning("adoption after connecting failed: %s", exc)
         except Exception:  # noqa: BLE001 - a bug here must show, and must not stop the agent
@@ -164,11 +181,45 @@ class LibvirtDriver:
                 self._log.warning(warning)
         started = time.monotonic()
         self._registry = await threads.call(inventory.adopt_all, conn)
+        await self._read_states()
         self._adopted.set()
         self._log.info(
             "adopted managed domains",
             extra={"count": len(self._registry), "seconds": round(time.monotonic() - started, 3)},
         )
+
+    async def _prepare_host(self) -> None:
+        """Once, on the first connection: the folders qemu must reach, and the pool at this
+        state dir (drivers.libvirt.host_dirs, storage.reconcile_pool). A problem refuses new VMs
+        with its message; adopted VMs are left alone either way."""
+        self._host_prepared = True
+        layout, profile = self.policy.layout, self.profile
+        parts = urlsplit(self.uri)
+        if parts.hostname or parts.scheme.startswith("test"):
+            return  # a remote host's folders are not ours to look at; the test driver has none
+        self._dir_problem = False
+        if profile.qemu_uid is not None and not profile.session:
+            qemu = host_dirs.qemu_user(profile.qemu_uid, profile.qemu_gid or profile.qemu_uid)
+            try:
+                for change in await asyncio.to_thread(host_dirs.prepare, layout, qemu):
+                    self._log.info("state dir prepared for qemu: %s", change)
+            except host_dirs.HostDirError as exc:
+                self._setup_problem, self._dir_problem = str(exc), True
+                self._log.error(str(exc))
+                return
+        try:
+            moved = await threads.call(storage.reconcile_pool, self._connection(), layout.storage_pool,
+                                       self.provisioner.pool_path)
+        except storage.PoolElsewhere as exc:
+            self._setup_problem = str(exc)
+            self._log.error(str(exc))
+            return
+        if moved:
+            self._log.warning(moved)
+
+    def _refuse_new_vms(self) -> None:
+        if self._setup_problem is not None:
+            raise DriverError(self._setup_problem)
 
     def host_facts(self) -> dict[str, Any]:
         profile = self._profile
@@ -191,6 +242,7 @@ class LibvirtDriver:
         if event.uuid in self._learning:
             self._learning[event.uuid].append(event)
             return
+        self._states.apply(event.uuid, event.event)
         if event.uuid not in self._registry:
             if event.event in _LEARN_ON:  # ours, made outside the agent? read its metadata first
                 self._learning[event.uuid] = [event]
@@ -255,10 +307,11 @@ class LibvirtDriver:
         except LibvirtUnavailable as exc:
             raise Unavailable(str(exc)) from None
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    async def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
+                    lane: threads.Lane = "ops") -> Any:
         """A blocking libvirt step on a worker; libvirt's own errors become DriverErrors."""
         try:
-            return await threads.call(fn, *args, timeout=timeout)
+            return await threads.call(fn, *args, timeout=timeout, lane=lane)
         except libvirt.libvirtError as exc:
             raise DriverError(_libvirt_message(exc)) from None
         except LibvirtUnavailable as exc:
@@ -294,35 +347,64 @@ class LibvirtDriver:
         address = self.addresses.get(uuid) or self.addresses.refresh(dom)
         return replace(record, primary_ip=address)
 
+    async def _fresh_record(self, dom: libvirt.virDomain, uuid: str) -> VmRecord:
+        """The VM's record read from libvirt now; the state book learns its state too."""
+        record: VmRecord = await self._call(self._record, dom, uuid)
+        self._states.note(uuid, record.state)
+        return record
+
     def _current(self, uuid: str) -> VmRecord:
         return self._record(self._require(uuid), uuid)
 
     # -- queries -------------------------------------------------------------------------------
+    async def _read_states(self) -> None:
+        at = time.monotonic()
+        codes = await self._call(inventory.all_states, self._connection(), lane="query", timeout=_QUERY_TIMEOUT)
+        self._states.replace(codes, at)
+
+    async def _keep_states(self) -> None:
+        """Forever: a full read of every domain's state every few seconds (events fill the gaps)."""
+        while True:
+            await asyncio.sleep(_STATES_EVERY)
+            if not self.available:
+                continue
+            try:
+                await self._read_states()
+            except DriverError as exc:
+                self._log.debug("state refresh skipped: %s", exc)
+
     async def list_vms(self) -> list[VmRecord]:
-        states = await self._call(inventory.all_states, self._connection())
+        """Every VM of ours with its state: from the state book, read again first only when it
+        is stale. Unavailable (no list at all) when libvirt cannot say."""
+        self._connection()
+        if time.monotonic() - self._states.read_at > _STATES_STALE:
+            try:
+                await self._read_states()
+            except threads.LibvirtTimeout as exc:  # a ping must answer in time: without a list
+                raise Unavailable(str(exc)) from None
         records = []
         for uuid, meta in self._registry.items():
-            code = states.get(uuid)
-            if code is None:
+            state = self._states.get(uuid)
+            if state is None:
                 continue
             records.append(VmRecord(
-                instance_uuid=uuid, external_id=uuid, state=inventory.vm_state(code),
+                instance_uuid=uuid, external_id=uuid, state=state,
                 labels=dict(meta.labels), spec_hash=meta.spec_hash,
                 image=meta.spec.get("imageUuid"), name=meta.spec.get("name"),
-                primary_ip=self.addresses.get(uuid) if code == libvirt.VIR_DOMAIN_RUNNING else None,
+                primary_ip=self.addresses.get(uuid) if state == "running" else None,
             ))
         return records
 
     async def domain_stats(self) -> list[VmSample]:
         """Counters of every VM of ours, from one getAllDomainStats call (for metrics)."""
         names = {uuid: meta.spec.get("name") for uuid, meta in self._registry.items()}
-        return await self._call(stats.collect, self._connection(), names)
+        return await self._call(stats.collect, self._connection(), names, lane="query", timeout=_QUERY_TIMEOUT)
 
     async def get_vm(self, instance_uuid: str) -> VmRecord:
-        return await self._call(self._current, instance_uuid)
+        return await self._call(self._current, instance_uuid, lane="query")
 
     async def inspect_vm(self, instance_uuid: str) -> dict[str, Any]:
-        return await self._call(self._inspect, instance_uuid)
+        return await self._call(self._inspect, instance_uuid, lane="query")
 
     def _inspect(self, uuid: str) -> dict[str, Any]:
         dom = self._require(uuid)
@@ -350,6 +432,7 @@ class LibvirtDriver:
             ref = parse_image_ref(reference)
         except ValueError as exc:
             raise DriverError(f"image: {exc}") from None
+        self._refuse_new_vms()
         conn = self._connection()
         images = self.provisioner.images
         if ref.kind == "kernel":
@@ -366,6 +449,8 @@ class LibvirtDriver:
         async with self._locks[uuid]:
             conn = self._connection()
             dom = await self._call(self._lookup, uuid)
+            if dom is None:
+                self._refuse_new_vms()
             inp = RenderInput(spec=spec, profile=self.profile, policy=self.policy, macs=placement.macs,
                               kernel_boot=await self.provisioner.kernel_boot(conn, spec, placement))
             domain = build_domain(inp)
@@ -397,7 +482,7 @@ class LibvirtDriver:
                         await self.provisioner.undo(conn, created)
                         self._registry.pop(uuid, None)
                     raise exc if isinstance(exc, DriverError) else DriverError(_libvirt_message(exc)) from None
-            record = await self._call(self._record, dom, uuid)
+            record = await self._fresh_record(dom, uuid)
         return replace(record, restart_required=restart_required)
 
     @staticmethod
@@ -419,13 +504,13 @@ class LibvirtDriver:
             dom = await self._call(self._require, instance_uuid)
             self._expect(instance_uuid, "start")
             await self._call(self._start_if_stopped, dom)
-            return await self._call(self._record, dom, instance_uuid)
+            return await self._fresh_record(dom, instance_uuid)
 
     async def stop_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
             await self._stop(dom, timeout)
-            return await self._call(self._record, dom, instance_uuid)
+            return await self._fresh_record(dom, instance_uuid)
 
     async def force_stop_vm(self, instance_uuid: str) -> VmRecord:
         return await self.stop_vm(instance_uuid, 0)
@@ -436,7 +521,7 @@ class LibvirtDriver:
             await self._stop(dom, timeout)
             self._expect(instance_uuid, "start")
             await self._call(dom.create)
-            return await self._call(self._record, dom, instance_uuid)
+            return await self._fresh_record(dom, instance_uuid)
 
     async def remove_vm(self, instance_uuid: str, timeout: float) -> None:
         """Stop (gracefully within timeout) and undefine; volumes, seed and log stay for purge."""
@@ -464,7 +549,7 @@ class LibvirtDriver:
             updated = AgentMetadata(**{**meta.__dict__, "labels": dict(labels)})
             await self._call(self._set_metadata_element, dom, updated)
             self._registry[instance_uuid] = updated
-            return await self._call(self._record, dom, instance_uuid)
+            return await self._fresh_record(dom, instance_uuid)
 
     @staticmethod
     def _set_metadata_element(dom: libvirt.virDomain, meta: AgentMetadata) -> None:
@@ -475,7 +560,7 @@ class LibvirtDriver:
     # -- streams (drivers.base: console, exec, logs and proxy go through here) --------------------
     async def domain(self, instance_uuid: str) -> libvirt.virDomain:
         """The libvirt domain of one of our VMs (NotFound otherwise, Unavailable without libvirt)."""
-        return await self._call(self._require, instance_uuid)
+        return await self._call(self._require, instance_uuid, lane="query")
 
     async def require_vm(self, instance_uuid: str) -> None:
         await self.domain(instance_uuid)
@@ -488,10 +573,10 @@ class LibvirtDriver:
 
     async def guest_network(self, instance_uuid: str, *, subnets: bool = False) -> GuestNetwork:
         dom = await self.domain(instance_uuid)
-        primary = self.addresses.get(instance_uuid) or await self._call(self.addresses.refresh, dom)
+        primary = self.addresses.get(instance_uuid) or await self._call(self.addresses.refresh, dom, lane="query")
         if not subnets:
             return GuestNetwork(primary=primary)
-        return await self._call(self.streams.managed_network, dom, primary)
+        return await self._call(self.streams.managed_network, dom, primary, lane="query")
 
     async def attach_console(self, instance_uuid: str) -> ConsoleViewer:
         return await self.streams.attach_console(instance_uuid)

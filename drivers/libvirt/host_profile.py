@@ -24,4 +24,7 @@ class HostProfile:
     session: bool = False
     libvirt_version: str = ""
     qemu_version: str = ""
+    #: who qemu runs as (libvirt's DAC base label); None where libvirt names nobody (session)
+    qemu_uid: int | None = None
+    qemu_gid: int | None = None
     warnings: tuple[str, ...] = field(default=())

@@ -70,8 +70,44 @@ def adopt_all(conn: libvirt.virConnect) -> dict[str, AgentMetadata]:
 
 
 def all_states(conn: libvirt.virConnect) -> dict[str, int]:
-    """Domain uuid → state code, for every domain, in one call (cheap at 1,000 VMs)."""
+    """Domain uuid → state code, for every domain, in one call (cheap at 1,000 VMs). NOWAIT:
+    a domain busy in a job (being started) is not waited for."""
     states: dict[str, int] = {}
-    for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0):
+    for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE,
+                                             libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT):
         states[dom.UUIDString()] = stats.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
     return states
+
+
+#: The state a lifecycle event leaves a domain in (None: the event says nothing new about it).
+_STATE_AFTER: dict[str, VmState] = {
+    "started": "running", "resumed": "running", "suspended": "paused", "pmsuspended": "paused",
+    "stopped": "stopped", "crashed": "crashed",
+}
+
+
+class StateBook:
+    """Every managed domain's last known state, kept current by lifecycle events between full
+    reads (`all_states`), so a ping never waits for a libvirtd busy starting thirty VMs."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, VmState] = {}
+        self.read_at = float("-inf")  # time.monotonic() of the last full read
+
+    def replace(self, codes: dict[str, int], at: float) -> None:
+        self._states = {uuid: vm_state(code) for uuid, code in codes.items()}
+        self.read_at = at
+
+    def note(self, uuid: str, state: VmState) -> None:
+        self._states[uuid] = state
+
+    def apply(self, uuid: str, event: str) -> None:
+        if event == "undefined":
+            self._states.pop(uuid, None)
+        elif event == "defined":
+            self._states.setdefault(uuid, "stopped")
+        elif event in _STATE_AFTER:
+            self._states[uuid] = _STATE_AFTER[event]
+
+    def get(self, uuid: str) -> VmState | None:
+        return self._states.get(uuid)

@@ -18,10 +18,9 @@ import libvirt
 from lxml import etree
 
 from drivers.base import HostCheck
-from drivers.libvirt.capabilities import probe_host_profile
+from drivers.libvirt.capabilities import dac_label, probe_host_profile
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
-_LABEL = re.compile(r"\+?(\d+):\+?(\d+)\Z")
 KVM_DEVICE = Path("/dev/kvm")
 
 
@@ -94,10 +93,7 @@ def qemu_identity(conn: libvirt.virConnect, domain_type: str = "qemu") -> QemuId
     """Who qemu runs as, from libvirt's own DAC base label (`+64055:+64055`); the current user
     where there is none (qemu:///session)."""
     caps = etree.fromstring(conn.getCapabilities().encode(), _PARSER)
-    labels = caps.findall("host/secmodel[model='dac']/baselabel")
-    chosen = next((el for el in labels if el.get("type") == domain_type), labels[0] if labels else None)
-    match = _LABEL.match((chosen.text or "").strip()) if chosen is not None else None
-    uid, gid = (int(match.group(1)), int(match.group(2))) if match else (os.getuid(), os.getgid())
+    uid, gid = dac_label(caps, domain_type) or (os.getuid(), os.getgid())
     return QemuIdentity(uid, gid, f"{_owner_name(uid)}:{_group_name(gid)}")
 
 

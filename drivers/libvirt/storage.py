@@ -9,6 +9,7 @@ import libvirt
 from lxml import etree
 
 from drivers.base import DriverError
+from drivers.libvirt.host_dirs import make_dir
 
 
 def _pool_xml(name: str, path: Path) -> str:
@@ -17,6 +18,45 @@ def _pool_xml(name: str, path: Path) -> str:
     target = etree.SubElement(pool, "target")
     etree.SubElement(target, "path").text = str(path)
     return etree.tostring(pool, encoding="unicode")
+
+
+def pool_path(pool: libvirt.virStoragePool) -> Path:
+    return Path(etree.fromstring(pool.XMLDesc(0).encode()).findtext("target/path") or "")
+
+
+def reconcile_pool(conn: libvirt.virConnect, name: str, path: Path) -> str:
+    """Make sure pool `name` is the one at `path` (this agent's state dir); returns what was done.
+
+    libvirt's pools are global but the agent's pool path is per state dir: after a move of the
+    state dir the old definition still points at the old folder. When that folder is gone or
+    empty, nothing can depend on the pool, so it is defined again at `path`. When it still holds
+    files (volumes of VMs that may be running), using it silently would put new VMs in the old
+    place and repointing would lose the old ones, so a PoolElsewhere error says what to do.
+    """
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        return ""  # defined on first use
+    current = pool_path(pool)
+    if os.path.normpath(current) == os.path.normpath(path):
+        return ""
+    held = sorted(e.name for e in current.iterdir() if e.name != ".work") if current.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise PoolElsewhere(
+            f"storage pool {name!r} is at {current} and holds {len(held)} files ({shown}), but this agent's "
+            f"state dir puts it at {path}: VMs already there keep running, new ones are refused. Fix: start "
+            f"the agent with --state-dir {current.parent}, or give it another --storage-pool, or move the "
+            f"files to {path} and run: virsh pool-destroy {name}; virsh pool-undefine {name}")
+    if pool.isActive():
+        pool.destroy()
+    pool.undefine()
+    ensure_pool(conn, name, path)
+    return f"storage pool {name!r} moved from {current} (gone or empty) to {path}"
+
+
+class PoolElsewhere(DriverError):
+    """The agent's pool is defined at another folder that still holds files."""
 
 
 def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> libvirt.virStoragePool:
@@ -34,7 +74,7 @@ def ensure_pool(conn: libvirt.virConnect, name: str, path: Path) -> libvirt.virS
     if not pool.isActive():
         if local:
             # an operator may have wiped the state dir: the pool's folder comes back empty
-            os.makedirs(path, mode=0o711, exist_ok=True)
+            make_dir(path)
         _activate(pool)
     return pool
 

@@ -8,11 +8,14 @@ systemd watchdog and every other VM. So, as Nova and VDSM do:
 
 - libvirt's own default event implementation runs on one daemon thread
   (`virEventRunDefaultImpl`), registered once per process before the first connection. It
-  drives keepalives, lifecycle events, close callbacks and stream events; our callbacks hand
+  drives lifecycle events, close callbacks and stream events; our callbacks hand
   their work to the asyncio loop with ``call_soon_threadsafe`` and never block it.
 - every blocking call goes through :func:`call`: a worker thread from a bounded pool, with a
   timeout. A call that does not answer in time fails with :class:`LibvirtTimeout`; its thread is
-  left to finish (a thread cannot be cancelled) and libvirt's keepalive eventually fails it.
+  left to finish (a thread cannot be cancelled): it ends when the daemon answers or goes away.
+- two lanes: ``ops`` for the work that changes VMs (defines, starts, stops, volumes; as many
+  threads as operations may run at once) and ``query`` for the quick reads a ping, a scrape or a
+  stream needs, so they never queue behind thirty VMs being started.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import libvirt
 
@@ -33,7 +36,12 @@ T = TypeVar("T")
 log = logging.getLogger("herdsman.libvirt")
 
 DEFAULT_WORKERS = 16
+QUERY_WORKERS = 4
 DEFAULT_TIMEOUT = 120.0
+
+Lane = Literal["ops", "query", "probe"]
+#: threads per lane other than "ops" (whose size follows the configuration)
+_LANE_WORKERS = {"query": QUERY_WORKERS, "probe": 4}
 
 
 class LibvirtTimeout(DriverError):
@@ -72,7 +80,7 @@ _events = _EventThread()
 def start_event_thread() -> None:
     """Register libvirt's default event implementation and run it (idempotent, thread-safe).
 
-    Must run before the first ``libvirt.open`` whose events or keepalives matter.
+    Must run before the first ``libvirt.open`` whose events matter.
     """
     _events.ensure()
 
@@ -81,15 +89,16 @@ class _Pool:
     def __init__(self) -> None:
         self.workers = DEFAULT_WORKERS
         self.timeout = DEFAULT_TIMEOUT
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executors: dict[Lane, concurrent.futures.ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
 
-    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+    def executor(self, lane: Lane) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=self.workers, thread_name_prefix="libvirt-call")
-            return self._executor
+            if lane not in self._executors:
+                self._executors[lane] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.workers if lane == "ops" else _LANE_WORKERS[lane],
+                    thread_name_prefix=f"libvirt-{lane}")
+            return self._executors[lane]
 
 
 _pool = _Pool()
@@ -112,14 +121,15 @@ def _describe(fn: Callable[..., Any]) -> str:
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
 
 
-async def call(fn: Callable[..., T], *args: Any, timeout: float | None = None, what: str | None = None) -> T:
-    """Run ``fn(*args)`` on a libvirt worker thread; raise LibvirtTimeout after ``timeout`` s.
+async def call(fn: Callable[..., T], *args: Any, timeout: float | None = None, what: str | None = None,
+               lane: Lane = "ops") -> T:
+    """Run ``fn(*args)`` on a libvirt worker thread of ``lane``; LibvirtTimeout after ``timeout`` s.
 
     ``timeout`` defaults to the configured one; ``None`` there means the default, ``0`` or less
     means no limit (for calls whose length is the user's business, e.g. a migration).
     """
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(_pool.executor(), fn, *args)
+    future = loop.run_in_executor(_pool.executor(lane), fn, *args)
     limit = _pool.timeout if timeout is None else timeout
     if limit <= 0:
         return await future

@@ -86,3 +86,13 @@ def test_command_line_rejects_unknown_benchmarks():
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "unknown benchmark" in done.stderr and "activate" in done.stderr
+
+
+async def test_health_benchmark_probes_every_vm_and_reports_each_once() -> None:
+    from bench import health
+
+    m = await health.measure(50, 1.0)
+    assert m["stats"]["transitions"] == {"initializing->healthy": 50}
+    assert m["log_lines"] == 50 and m["reports"] == {"accepted": 50} and m["stats"]["unreported"] == 0
+    assert m["stats"]["probes"] >= 50 and m["bare"]["failures"] == 0
+    assert {"probing", "idle", "bare"} <= set(m["usage"])

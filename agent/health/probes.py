@@ -1,16 +1,16 @@
 """One health probe: a TCP connect, or an HTTP request whose status line is read.
 
 A host with 1,000 checked VMs at Rancher's 2 s interval runs 500 probes a second, so a probe
-is a small callback state machine on the event loop (non-blocking socket, the loop's own
-selector, one timer) rather than a task with a coroutine per probe: the same work for about
-half the interpreter time, and no thread anywhere. `probe()` wraps it for one-off awaits.
+is a small callback state machine on the event loop (a non-blocking socket in the loop's
+shared probe poller, agent/health/poller.py) rather than a task with a coroutine per probe:
+about half the interpreter time, and no thread anywhere. `probe()` wraps it for one-off awaits.
 
 Behaviour follows HAProxy's checks, which Rancher ran:
 
 - TCP (`request` None): the check passes when the connection is established.
 - HTTP: the request is sent once connected; the check passes on a 2xx or 3xx status line and
   fails on any other status, on garbage, and on a close before a status line.
-- `timeout` bounds the whole probe (connect, send, response).
+- `timeout` bounds the whole probe (connect, send, response); it fires up to 50 ms late.
 - The connection is closed with a reset (SO_LINGER 0), as HAProxy closes its checks: the
   host keeps no TIME_WAIT socket per probe, 30,000 of them a minute at that rate.
 
@@ -27,6 +27,8 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from agent.health.poller import EPOLLIN, EPOLLOUT, poller_of
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SOCK_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -47,6 +49,7 @@ class ProbeResult:
 
 
 Done = Callable[[ProbeResult], None]
+_CONNECTED = ProbeResult(True, "connected")
 
 
 def address_family(host: str) -> socket.AddressFamily | None:
@@ -63,20 +66,19 @@ def address_family(host: str) -> socket.AddressFamily | None:
 class Probe:
     """A probe in flight; `done` gets exactly one result, on the loop, unless cancelled."""
 
-    __slots__ = ("_loop", "_sock", "_fd", "_request", "_timeout", "_done", "_timer", "_buffer",
-                 "_reading", "_writing", "_connected", "finished")
+    __slots__ = ("_poller", "_sock", "_fd", "_request", "_timeout", "_done", "_buffer", "_connected",
+                 "finished")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, request: bytes | None,
                  timeout: float, done: Done) -> None:
-        self._loop = loop
+        self._poller = poller_of(loop)
         self._request = request
         self._timeout = timeout
         self._done = done
         self._sock: socket.socket | None = None
         self._fd = -1
-        self._timer: asyncio.TimerHandle | None = None
         self._buffer = b""
-        self._reading = self._writing = self._connected = False
+        self._connected = False
         self.finished = False
         self._start(host, port)
 
@@ -92,7 +94,7 @@ class Probe:
         except OSError as exc:
             self._finish_soon(_os_failure(exc, "cannot open a socket"))
             return
-        self._sock, self._fd = sock, sock.fileno()
+        self._sock = sock
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             code = sock.connect_ex((host, port))
@@ -102,30 +104,29 @@ class Probe:
         if code not in (0, errno.EINPROGRESS):
             self._finish_soon(_errno_failure(code))
             return
-        self._timer = self._loop.call_later(self._timeout, self._on_timeout)
-        if code == 0:  # connected at once; carry on from the loop, not from the caller's call
-            self._loop.call_soon(self._on_connected)
-        else:
-            self._loop.add_writer(self._fd, self._on_connect)
-            self._writing = True
+        # Connected at once or not, the socket reports writable on the loop: carry on from there,
+        # never from inside the caller's call.
+        self._fd = sock.fileno()
+        poller = self._poller
+        poller.watch(self._fd, EPOLLOUT, self, poller.loop.time() + self._timeout)
 
-    def _on_connect(self) -> None:
-        self._stop_writing()
+    def on_event(self, events: int) -> None:
+        if self._connected:
+            if events & EPOLLIN or not events & EPOLLOUT:
+                self._receive()
+            else:
+                self._send()
+            return
         assert self._sock is not None
         code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._finish(_errno_failure(code))
-        else:
-            self._on_connected()
-
-    def _on_connected(self) -> None:
-        if self.finished:
             return
         self._connected = True
         if self._request is None:
-            self._finish(ProbeResult(True, "connected"))
-            return
-        self._send()
+            self._finish(_CONNECTED)
+        else:
+            self._send()
 
     def _send(self) -> None:
         assert self._sock is not None and self._request is not None
@@ -137,16 +138,9 @@ class Probe:
             self._finish(_os_failure(exc, "sending the request failed"))
             return
         self._request = self._request[sent:]
-        if self._request:
-            if not self._writing:
-                self._loop.add_writer(self._fd, self._send)
-                self._writing = True
-            return
-        self._stop_writing()
-        self._loop.add_reader(self._fd, self._on_readable)
-        self._reading = True
+        self._poller.modify(self._fd, EPOLLOUT if self._request else EPOLLIN)
 
-    def _on_readable(self) -> None:
+    def _receive(self) -> None:
         assert self._sock is not None
         try:
             data = self._sock.recv(_MAX_STATUS_LINE)
@@ -162,8 +156,7 @@ class Probe:
         if b"\n" in self._buffer or len(self._buffer) >= _MAX_STATUS_LINE:
             self._finish(status_result(self._buffer))
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def on_timeout(self) -> None:
         stage = "no response" if self._connected else "connect timed out"
         self._finish(ProbeResult(False, f"{stage} after {self._timeout:g} s"))
 
@@ -179,7 +172,7 @@ class Probe:
         """A result known before anything ran: delivered on the next loop turn like any other,
         so the caller is never re-entered from its own call."""
         self._close()
-        self._loop.call_soon(self._deliver, result)
+        self._poller.loop.call_soon(self._deliver, result)
 
     def _deliver(self, result: ProbeResult) -> None:
         if not self.finished:
@@ -193,20 +186,11 @@ class Probe:
         self._close()
         self._done(result)
 
-    def _stop_writing(self) -> None:
-        if self._writing:
-            self._loop.remove_writer(self._fd)
-            self._writing = False
-
     def _close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._stop_writing()
-        if self._reading:
-            self._loop.remove_reader(self._fd)
-            self._reading = False
         if self._sock is not None:
+            if self._fd >= 0:
+                self._poller.forget(self._fd)
+                self._fd = -1
             self._sock.close()
             self._sock = None
 

@@ -115,6 +115,8 @@ def restart(tracker: Tracker, now: float) -> tuple[Tracker, Transition]:
 
 def observe(tracker: Tracker, limits: Thresholds, passed: bool, now: float) -> tuple[Tracker, Transition | None]:
     """Fold one probe result in; then apply the (re)initializing timeout."""
+    if passed and tracker.state is Health.HEALTHY and tracker.passes == limits.rise and not tracker.failures:
+        return tracker, None  # the steady state of nearly every probe: nothing to compute
     if passed:
         passes, failures = min(tracker.passes + 1, limits.rise), 0
     else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -43,12 +43,19 @@ class ProbeSpec:
     timeout: float
 
 
-@dataclass(slots=True)
 class _Entry:
-    spec: ProbeSpec
-    generation: int
-    due: float
-    probe: Probe | None = None
+    """One watched VM. `done` is made once and handed to each of its probes; `active` goes
+    False when the VM is removed or replaced, which turns its queued turns and late results
+    into no-ops."""
+
+    __slots__ = ("key", "spec", "due", "done", "probe", "active")
+
+    def __init__(self, key: str, spec: ProbeSpec, due: float,
+                 completed: Callable[[_Entry, ProbeResult], None]) -> None:
+        self.key, self.spec, self.due = key, spec, due
+        self.done: Callable[[ProbeResult], None] = partial(completed, self)
+        self.probe: Probe | None = None
+        self.active = True
 
 
 class ProbeScheduler:
@@ -62,9 +69,8 @@ class ProbeScheduler:
         self.max_in_flight = max_in_flight
         self._quantum = quantum
         self._entries: dict[str, _Entry] = {}
-        self._heap: list[tuple[float, int, str, int]] = []
+        self._heap: list[tuple[float, int, _Entry]] = []
         self._order = itertools.count()
-        self._generations = itertools.count(1)
         self._added = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -72,7 +78,7 @@ class ProbeScheduler:
         self.in_flight = 0
         self.closed = False
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._entries
 
     def __len__(self) -> int:
@@ -86,15 +92,19 @@ class ProbeScheduler:
         self.remove(key)
         offset = (self._added * _GOLDEN) % 1.0 * spec.interval
         self._added += 1
-        entry = _Entry(spec, next(self._generations), self._loop.time() + offset)
+        entry = _Entry(key, spec, self._loop.time() + offset, self._completed)
         self._entries[key] = entry
-        self._push(key, entry)
+        self._push(entry)
 
     def remove(self, key: str) -> None:
         """Stop probing `key`; a probe in flight is closed and its result dropped."""
         entry = self._entries.pop(key, None)
-        if entry is not None and entry.probe is not None:
+        if entry is None:
+            return
+        entry.active = False
+        if entry.probe is not None:
             entry.probe.cancel()
+            entry.probe = None
             self.in_flight -= 1
 
     def close(self) -> None:
@@ -108,8 +118,8 @@ class ProbeScheduler:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def _push(self, key: str, entry: _Entry) -> None:
-        heapq.heappush(self._heap, (entry.due, next(self._order), key, entry.generation))
+    def _push(self, entry: _Entry) -> None:
+        heapq.heappush(self._heap, (entry.due, next(self._order), entry))
         self._arm()
 
     def _arm(self) -> None:
@@ -128,32 +138,29 @@ class ProbeScheduler:
         self._timer = None
         now = self._last_tick = self._loop.time()
         horizon = now + self._quantum / 2
-        heap, entries = self._heap, self._entries
+        heap = self._heap
         while heap and heap[0][0] <= horizon and self.in_flight < self.max_in_flight:
-            _, _, key, generation = heapq.heappop(heap)
-            entry = entries.get(key)
-            if entry is None or entry.generation != generation:
-                continue  # removed or replaced since it was queued
-            self._launch(key, entry)
+            entry = heapq.heappop(heap)[2]
+            if entry.active:  # else removed or replaced since it was queued
+                self._launch(entry)
         self._arm()
 
-    def _launch(self, key: str, entry: _Entry) -> None:
+    def _launch(self, entry: _Entry) -> None:
         spec = entry.spec
-        address = self._address_of(key, spec.port)
-        if address is None:
-            self._completed(key, entry.generation, NO_ADDRESS, counted=False)
-            return
         self.in_flight += 1
-        done = partial(self._completed, key, entry.generation)
-        entry.probe = start_probe(self._loop, address[0], address[1], spec.request, spec.timeout, done)
+        address = self._address_of(entry.key, spec.port)
+        if address is None:
+            entry.done(NO_ADDRESS)
+        else:
+            entry.probe = start_probe(self._loop, address[0], address[1], spec.request, spec.timeout, entry.done)
 
-    def _completed(self, key: str, generation: int, result: ProbeResult, counted: bool = True) -> None:
-        entry = self._entries.get(key)
-        if entry is None or entry.generation != generation:
+    def _completed(self, entry: _Entry, result: ProbeResult) -> None:
+        if not entry.active:
             return  # removed meanwhile: remove() already gave its slot back
-        if counted:
-            self.in_flight -= 1
+        self.in_flight -= 1
         entry.probe = None
-        entry.due = max(entry.due + entry.spec.interval, self._loop.time())
-        self._push(key, entry)
-        self._on_result(key, result)
+        # The next turn is one interval after this one was due; right away if that has passed
+        # (the last tick's time stands in for now: at most a quantum old).
+        entry.due = max(entry.due + entry.spec.interval, self._last_tick)
+        self._push(entry)
+        self._on_result(entry.key, result)

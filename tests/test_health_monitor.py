@@ -272,3 +272,33 @@ async def test_failures_of_this_host_do_not_count_against_the_vm(caplog: pytest.
     assert monitor.health("vm") is Health.INITIALIZING and recorder.changes == []
     warnings = [r for r in caplog.records if "could not run on this host" in r.getMessage()]
     assert len(warnings) == 1, "warned once, not once per probe"
+
+
+async def test_a_vm_that_stops_on_its_own_pauses_and_a_restart_reinitializes_it() -> None:
+    target = await CheckTarget().start()
+    recorder = Recorder()
+    monitor = HealthMonitor(lambda uuid, port: target.address, listeners=[recorder])
+    spec = check(interval=100, healthyThreshold=1)
+    try:
+        monitor.watch("vm", spec, start_count=2)
+        await recorder.wait_for(Health.HEALTHY, timeout=2)
+        monitor.stopped("vm")
+        await asyncio.sleep(0.05)  # the service accepts the last probe's connection late
+        connections = target.connections
+        await asyncio.sleep(0.35)
+        assert target.connections == connections, "no probes while it is stopped"
+        assert monitor.health("vm") is None and monitor.snapshot() == {}
+        assert recorder.forgotten == ["vm"], "its reports stop: the last state is not current any more"
+        monitor.restarted("vm")  # the restart policy started it
+        assert monitor.health("vm") is Health.REINITIALIZING
+        await asyncio.sleep(0.3)
+        monitor.stopped("vm")
+        monitor.watch("vm", spec, start_count=2)  # found running again (e.g. at the next ping)
+        assert monitor.health("vm") is Health.REINITIALIZING
+        monitor.stopped("vm")
+        monitor.unwatch("vm")
+    finally:
+        monitor.close()
+        await target.stop()
+    assert recorder.states() == ["healthy", "reinitializing", "healthy", "reinitializing"]
+    assert recorder.forgotten == ["vm"] * 3, "one per stop; unwatching a stopped VM tells nobody again"

@@ -1,8 +1,9 @@
 """Watches the health of this host's VMs: probes in, state transitions out.
 
-The agent tells the monitor which running VMs have a healthCheck (`watch`), which stopped or
-went away (`unwatch`) and which the agent itself started again (`restarted`, for the restart
-policy). Probe results go through the pure state machine (agent/health/state.py); every
+The agent tells the monitor which running VMs have a healthCheck (`watch`), which went away or
+were stopped by the controller (`unwatch`), which stopped on their own (`stopped`: probing and
+reports pause, the state is kept) and which the restart policy started again (`restarted`: a
+healthy VM is then reinitializing, as Cattle has it). Probe results go through the pure state machine (agent/health/state.py); every
 transition — and nothing else — is logged as one structured line (`health state changed`) and
 handed to the listeners, the controller reporter among them.
 """
@@ -47,6 +48,7 @@ class _Watch:
     limits: Thresholds
     tracker: Tracker
     detail: str = ""
+    paused: bool = False
 
 
 def probe_spec(check: InstanceHealthCheck) -> ProbeSpec:
@@ -76,11 +78,11 @@ class HealthMonitor:
     def watch(self, instance_uuid: str, check: InstanceHealthCheck, start_count: int = 0, *,
               resumed: bool = False) -> None:
         """Probe a running VM. Safe to repeat: the same check and start count change nothing; a
-        changed check keeps the state; a higher start count (the controller started it again)
-        is a restart. `resumed`: the VM was found running by a restarted agent."""
+        changed check keeps the state; a new start count (the controller started it again), or
+        a VM that had `stopped`, is a restart. `resumed`: found running by a restarted agent."""
         now = self._loop.time()
         current = self._watches.get(instance_uuid)
-        if current is not None and current.start_count == start_count:
+        if current is not None and current.start_count == start_count and not current.paused:
             if current.check != check:
                 current.check, current.limits = check, Thresholds.of(check)
                 self._scheduler.add(instance_uuid, probe_spec(check))
@@ -89,8 +91,9 @@ class HealthMonitor:
         if current is None:
             tracker = machine.begin(now, resumed=resumed)
             self._watches[instance_uuid] = _Watch(check, start_count, Thresholds.of(check), tracker)
-        else:
+        else:  # started again: by the controller (a new start count) or after stopping on its own
             current.check, current.limits, current.start_count = check, Thresholds.of(check), start_count
+            current.paused = False
             self._restart(instance_uuid, current, now)
         self._scheduler.add(instance_uuid, spec)
 
@@ -98,13 +101,25 @@ class HealthMonitor:
         """The VM was started again without a new start count (the restart policy did it)."""
         watch = self._watches.get(instance_uuid)
         if watch is not None:
+            watch.paused = False
             self._restart(instance_uuid, watch, self._loop.time())
             self._scheduler.add(instance_uuid, probe_spec(watch.check))
 
+    def stopped(self, instance_uuid: str) -> None:
+        """The VM stopped on its own: no probes and no reports (its last state must not be
+        re-sent as current) until it runs again; the state is kept for `restarted`."""
+        watch = self._watches.get(instance_uuid)
+        if watch is not None and not watch.paused:
+            watch.paused = True
+            self._scheduler.remove(instance_uuid)
+            for listener in self._listeners:
+                listener.health_forgotten(instance_uuid)
+
     def unwatch(self, instance_uuid: str) -> None:
-        """The VM stopped or is gone: no more probes, no more reports for it."""
+        """The VM is gone or the controller stopped it: no more probes, no more reports, no state."""
         self._scheduler.remove(instance_uuid)
-        if self._watches.pop(instance_uuid, None) is not None:
+        watch = self._watches.pop(instance_uuid, None)
+        if watch is not None and not watch.paused:
             for listener in self._listeners:
                 listener.health_forgotten(instance_uuid)
 
@@ -116,10 +131,10 @@ class HealthMonitor:
     def health(self, instance_uuid: str) -> Health | None:
         """The VM's health state, None when it is not watched (no healthCheck, not running)."""
         watch = self._watches.get(instance_uuid)
-        return None if watch is None else watch.tracker.state
+        return None if watch is None or watch.paused else watch.tracker.state
 
     def snapshot(self) -> dict[str, Health]:
-        return {uuid: watch.tracker.state for uuid, watch in self._watches.items()}
+        return {uuid: watch.tracker.state for uuid, watch in self._watches.items() if not watch.paused}
 
     @property
     def in_flight(self) -> int:

@@ -19,7 +19,7 @@ import select
 import weakref
 from typing import Protocol
 
-EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 
 
 class Watched(Protocol):

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.health.poller import EPOLLIN, EPOLLOUT, poller_of
+from agent.health.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, poller_of
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SOCK_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -118,9 +118,9 @@ class Probe:
                 self._send()
             return
         assert self._sock is not None
-        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._finish(_errno_failure(code))
+        if events & (EPOLLERR | EPOLLHUP):  # a clean EPOLLOUT is a connection: no syscall to ask
+            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._finish(_errno_failure(code) if code else ProbeResult(False, "connection reset"))
             return
         self._connected = True
         if self._request is None:

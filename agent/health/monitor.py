@@ -60,7 +60,7 @@ def probe_spec(check: InstanceHealthCheck) -> ProbeSpec:
 
 
 class HealthMonitor:
-    def __init__(self, address_of: AddressOf, *, max_in_flight: int = 64,
+    def __init__(self, address_of: AddressOf, *, max_in_flight: int = 256,
                  listeners: list[HealthListener] | None = None, logger: logging.Logger | None = None) -> None:
         """`address_of(instance_uuid, guest_port)` gives the (numeric host, port) to probe."""
         self._loop = asyncio.get_running_loop()

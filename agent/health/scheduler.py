@@ -7,8 +7,12 @@ sequence (k × 0.618… mod 1, times the interval), which spreads any number of 
 once — an agent starting on a full host — evenly over their interval instead of probing them
 all in the same instant.
 
-At most `max_in_flight` probes run at once (a counting semaphore without tasks): when the host
-cannot keep up, probes start late rather than pile up. A VM's next probe is due one interval
+At most `max_in_flight` probes run at once (a counting semaphore without tasks, one socket
+each): when the host cannot keep up, probes start late rather than pile up. Probes of VMs that
+drop packets hold their slot for the whole timeout, so with the defaults (256, Rancher's 2 s
+timeout) up to 128 such probes a second fit; beyond that every VM's probes start later (state
+changes are seen later, never wrongly), and the descriptors stay well under systemd's
+default limit of 1,024. A VM's next probe is due one interval
 after the previous one was due (a fixed rate), and never before that one finished: a probe
 slower than the interval delays the next instead of overlapping it.
 """
@@ -59,7 +63,7 @@ class _Entry:
 
 
 class ProbeScheduler:
-    def __init__(self, address_of: AddressOf, on_result: OnResult, *, max_in_flight: int = 64,
+    def __init__(self, address_of: AddressOf, on_result: OnResult, *, max_in_flight: int = 256,
                  quantum: float = 0.02, loop: asyncio.AbstractEventLoop | None = None) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")

@@ -58,20 +58,26 @@ def check(**fields: object) -> InstanceHealthCheck:
 async def test_first_probes_of_many_vms_are_spread_evenly_over_the_interval() -> None:
     target = await CheckTarget().start()
     first: dict[str, float] = {}
-    scheduler = ProbeScheduler(lambda key, port: target.address,
-                               lambda key, result: first.setdefault(key, time.monotonic()))
+
+    def address_of(key: str, port: int) -> tuple[str, int]:
+        first.setdefault(key, time.monotonic())  # when its first probe starts
+        return target.address
+
+    scheduler = ProbeScheduler(address_of, lambda key, result: None)
     try:
         started = time.monotonic()
         for n in range(200):
-            scheduler.add(f"vm{n}", ProbeSpec(80, None, interval=1.0, timeout=1.0))
-        async with asyncio.timeout(5):
+            scheduler.add(f"vm{n}", ProbeSpec(80, None, interval=3.0, timeout=1.0))
+        async with asyncio.timeout(10):
             while len(first) < 200:
                 await asyncio.sleep(0.05)
     finally:
         scheduler.close()
         await target.stop()
-    buckets = Counter(min(9, int((at - started) * 10)) for at in first.values())
-    assert all(14 <= buckets[b] <= 26 for b in range(10)), sorted(buckets.items())
+    # ten 300 ms slices of the interval get about 20 first probes each (a busy machine may
+    # stall the loop for a moment, hence the margin)
+    slices = Counter(min(9, int((at - started) / 0.3)) for at in first.values())
+    assert all(12 <= slices[b] <= 28 for b in range(10)), sorted(slices.items())
 
 
 async def test_each_vm_is_probed_at_a_fixed_rate() -> None:
@@ -164,11 +170,11 @@ async def test_healthy_after_rise_unhealthy_after_fall_and_back(caplog: pytest.L
         stopped = time.monotonic()
         unhealthy = await recorder.wait_for(Health.UNHEALTHY)
         # three failed probes: the third is 2-3 intervals after the service went away
-        assert interval * 2 - 0.05 <= unhealthy - stopped <= interval * 3 + 0.1
+        assert interval * 2 - 0.05 <= unhealthy - stopped <= interval * 3 + 0.25
         await target.start()
         recorder.changes.clear()
         back = time.monotonic()
-        assert await recorder.wait_for(Health.HEALTHY) - back <= interval * 2 + 0.1
+        assert await recorder.wait_for(Health.HEALTHY) - back <= interval * 2 + 0.25
     finally:
         monitor.close()
         await target.stop()
@@ -195,7 +201,7 @@ async def test_a_closed_port_never_turns_healthy_and_the_initializing_timeout_is
         await asyncio.sleep(0.3)
     finally:
         monitor.close()
-    assert 0.6 <= at - watched <= 0.8
+    assert 0.6 <= at - watched <= 0.95
     [(_, change)] = recorder.changes
     assert change.transition.reason == "timeout" and change.transition.report == "DOWN"
     assert "refused" in change.detail

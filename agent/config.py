@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ SETTINGS: dict[str, Setting] = {
     "url": Setting("--url", "CATTLE_URL", "controller API base, e.g. http://127.0.0.1:8080/v1"),
     "access_key": Setting("--access-key", "CATTLE_ACCESS_KEY", "agent API key (HTTP Basic user)"),
     "secret_key": Setting("--secret-key", "CATTLE_SECRET_KEY", "agent API secret (HTTP Basic password)"),
+    "health_access_key": Setting("--health-access-key", "HERDSMAN_HEALTH_ACCESS_KEY",
+                                 "API key for health reports (POST /serviceevents; default the agent's own)"),
+    "health_secret_key": Setting("--health-secret-key", "HERDSMAN_HEALTH_SECRET_KEY", "its secret (default the agent's own)"),
     "libvirt_uri": Setting("--libvirt-uri", "HERDSMAN_LIBVIRT_URI", "default qemu:///system as root, qemu:///session otherwise"),
     "state_dir": Setting("--state-dir", "HERDSMAN_STATE_DIR", "host uuid, secrets, seeds, storage pool (default /var/lib/herdsman)"),
     "log_dir": Setting("--log-dir", "HERDSMAN_LOG_DIR", "serial console logs (default /var/log/herdsman)"),
@@ -69,6 +72,8 @@ class AgentConfig(BaseModel):
     url: str | None = None
     access_key: str = ""
     secret_key: str = ""
+    health_access_key: str | None = None
+    health_secret_key: str | None = None
     libvirt_uri: str = Field(default_factory=lambda: "qemu:///system" if os.geteuid() == 0 else "qemu:///session")
     state_dir: Path = Path("/var/lib/herdsman")
     log_dir: Path = Path("/var/log/herdsman")
@@ -88,6 +93,22 @@ class AgentConfig(BaseModel):
     stream_key: Path | None = None
     controller_public_key: str | None = None
     metrics_listen: str | None = None
+
+    @property
+    def health_keys(self) -> tuple[str, str]:
+        """The key pair health reports are sent with: a real Cattle 1.6 accepts them only from
+        a delegate agent key (../shared/docs/healthcheck.md §6), so it can differ."""
+        if self.health_access_key is None:
+            return self.access_key, self.secret_key
+        return self.health_access_key, self.health_secret_key or ""
+
+    @model_validator(mode="after")
+    def _health_pair(self) -> "AgentConfig":
+        if (self.health_access_key is None) != (self.health_secret_key is None):
+            raise ValueError("--health-access-key and --health-secret-key go together: set both or neither")
+        if self.health_access_key is not None and ":" in self.health_access_key:
+            raise ValueError("--health-access-key must not contain ':' (HTTP Basic auth)")
+        return self
 
     @field_validator("stream_listen", "metrics_listen")
     @classmethod
@@ -168,7 +189,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] = os.enviro
             name = str(error["loc"][0]) if error["loc"] else ""
             setting = SETTINGS.get(name)
             label = f"{setting.flag} / {setting.env}" if setting else name
-            problems.append(f"{label}: {error['msg']}")
+            problems.append(f"{label}: {error['msg']}" if label else error["msg"].removeprefix("Value error, "))
         raise ConfigError("; ".join(problems)) from None
 
 

@@ -45,10 +45,15 @@ class Usage:
     rss: list[int] = field(default_factory=list)
     cpu_seconds: float = 0.0
     window: float = 0.0
+    system_seconds: float = 0.0  # of cpu_seconds, in the kernel
 
     @property
     def cpu_percent(self) -> float:
         return 100 * self.cpu_seconds / self.window if self.window else float("nan")
+
+    @property
+    def system_percent(self) -> float:
+        return 100 * self.system_seconds / self.window if self.window else float("nan")
 
 
 async def sample(pids: dict[str, int], seconds: float, every: float = 1.0) -> dict[str, Usage]:
@@ -56,6 +61,7 @@ async def sample(pids: dict[str, int], seconds: float, every: float = 1.0) -> di
     procs = {name: psutil.Process(pid) for name, pid in pids.items()}
     usage = {name: Usage() for name in procs}
     start_cpu = {name: _cpu(p) for name, p in procs.items()}
+    start_system = {name: p.cpu_times().system for name, p in procs.items()}
     started = time.monotonic()
     while (elapsed := time.monotonic() - started) < seconds:
         for name, proc in procs.items():
@@ -65,6 +71,7 @@ async def sample(pids: dict[str, int], seconds: float, every: float = 1.0) -> di
     for name, proc in procs.items():
         usage[name].rss.append(proc.memory_info().rss)
         usage[name].cpu_seconds = _cpu(proc) - start_cpu[name]
+        usage[name].system_seconds = proc.cpu_times().system - start_system[name]
         usage[name].window = window
     return usage
 

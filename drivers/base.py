@@ -17,6 +17,11 @@ from agent.spec.vm import VirtualMachine
 
 VmState = Literal["running", "stopped", "paused", "crashed", "starting", "stopping"]
 ExternalStatus = Literal["start", "stop", "die", "destroy"]
+#: How a guest stopped, as the restart policy needs it (docker's exit status, for a VM):
+#: poweroff - the guest shut itself down in order (exit 0); crashed - qemu crashed or the guest
+#: panicked; failed - qemu failed; killed - destroyed by someone other than the agent;
+#: lost - found shut off with no known reason (the host rebooted, libvirtd killed it).
+StopCause = Literal["poweroff", "crashed", "failed", "killed", "lost"]
 
 
 class DriverError(RuntimeError):
@@ -63,6 +68,8 @@ class HostEvent:
     external_id: str
     status: ExternalStatus
     timestamp: float
+    #: for a stop or die: how the guest stopped (None: not a stop, or not known)
+    cause: StopCause | None = None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ It speaks the agent-facing part of the protocol (cattle-protocol.md §1): `GET /
 root, with Basic auth, as `herdsman check` asks it), `GET /v1/subscribe`
 (Basic auth, websocket, optional keepalive `ping` events without replyTo),
 `POST /v1/publish` (only `reply.*` names, like Cattle's PublishManager for agent accounts) and
-`POST /v1/containerevents`. Tests drive it with `request()` and read what the agent sent back.
+`POST /v1/containerevents` and `POST /v1/serviceevents` (health reports: `service_event_answers`
+makes it refuse the next ones with those statuses, as Cattle does while it creates its checker
+rows). Tests drive it with `request()` and read what the agent sent back.
 
 `python -m tests.controller_double [--port N]` runs one in its own process (prints
 `READY <url>`), for tests that need a peer which can be frozen with SIGSTOP.
@@ -55,6 +57,10 @@ class ControllerDouble:
         self.subscriptions: list[list[str]] = []
         self.replies: list[dict[str, Any]] = []
         self.container_events: list[dict[str, Any]] = []
+        self.service_events: list[dict[str, Any]] = []  # accepted health reports
+        self.service_event_attempts: list[tuple[float, int, dict[str, Any]]] = []  # (monotonic, status, body)
+        self.service_event_answers: list[int] = []  # statuses for the next reports, then 201
+        self.health_keys: tuple[str, str] | None = None  # the (delegate) key /serviceevents wants
         self.auth_failures: list[tuple[str, float]] = []  # (path, time.monotonic())
         self._subscribers: set[_Subscriber] = set()
         self._runner: web.AppRunner | None = None
@@ -86,6 +92,7 @@ class ControllerDouble:
         app.router.add_get("/v1/subscribe", self._subscribe)
         app.router.add_post("/v1/publish", self._publish)
         app.router.add_post("/v1/containerevents", self._container_event)
+        app.router.add_post("/v1/serviceevents", self._service_event)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         await web.SockSite(runner, sock).start()
@@ -225,14 +232,15 @@ class ControllerDouble:
 
     # -- HTTP handlers --------------------------------------------------------------------
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: web.Request, keys: tuple[str, str] | None = None) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         try:
             user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        ok = (scheme.lower() == "basic" and user == self.access_key
-              and password == self.secret_key)
+        access_key, secret_key = keys or (self.access_key, self.secret_key)
+        ok = (scheme.lower() == "basic" and user == access_key
+              and password == secret_key)
         if not ok:
             self.auth_failures.append((request.path, time.monotonic()))
         return ok
@@ -320,6 +328,28 @@ class ControllerDouble:
         self.container_events.append(body)
         await self._notify()
         return web.json_response({"type": "containerEvent", **body}, status=201)
+
+
+    async def _service_event(self, request: web.Request) -> web.Response:
+        """Cattle's ServiceEventFilter, in short: another key than the health key is
+        'CantVerifyHealthcheck' (403), externalTimestamp is required (422)."""
+        if not self._authorized(request, self.health_keys or None):
+            return _error(403, "CantVerifyHealthcheck", "the caller is not a healthcheck agent of this instance")
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        status = self.service_event_answers.pop(0) if self.service_event_answers else 201
+        if not isinstance(body.get("externalTimestamp"), int):
+            status = 422
+        self.service_event_attempts.append((time.monotonic(), status, body))
+        if status == 201:
+            self.service_events.append(body)
+        await self._notify()
+        if status == 422:
+            return _error(422, "MissingRequired", "externalTimestamp is required", "externalTimestamp")
+        if status != 201:
+            return _error(status, "CantVerifyHealthcheck" if status == 403 else "Conflict", f"answered {status} by the test")
+        return web.json_response({"type": "serviceEvent", "state": "created", **body}, status=201)
 
 
 def _answers(reply: dict[str, Any], event: dict[str, Any]) -> bool:

@@ -92,3 +92,13 @@ async def test_metrics_full_stats_scrapes_serve_every_vm():
     found = await metrics.full_scrapes(3, 2)
     assert len(found["scrape"]) == 2 and len(found["parse"]) == 5
     assert min(found["bytes"]) > 3 * 34 * 40  # 34 series per VM, each line longer than 40 bytes
+
+
+async def test_health_benchmark_probes_every_vm_and_reports_each_once() -> None:
+    from bench import health
+
+    m = await health.measure(50, 1.0)
+    assert m["stats"]["transitions"] == {"initializing->healthy": 50}
+    assert m["log_lines"] == 50 and m["reports"] == {"accepted": 50} and m["stats"]["unreported"] == 0
+    assert m["stats"]["probes"] >= 50 and m["bare"]["failures"] == 0
+    assert {"probing", "idle", "bare"} <= set(m["usage"])

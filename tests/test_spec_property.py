@@ -131,7 +131,7 @@ health_checks = st.one_of(
         {"port": ports},
         optional={
             "name": names,
-            "requestLine": st.tuples(st.sampled_from(["GET", "HEAD", "POST", "OPTIONS"]), st.from_regex(r"\A/[!-~]{0,20}\Z"),
+            "requestLine": st.tuples(st.sampled_from(["GET", "HEAD", "POST", "OPTIONS"]), st.from_regex(r"\A/[!$-&(-\[\]-~]{0,20}\Z"),  # not " # ' \ (HAProxy syntax)
                                      st.sampled_from(["", " HTTP/1.0", " HTTP/1.1"])).map(lambda t: f"{t[0]} {t[1]}{t[2]}"),
             "interval": st.integers(100, 86_400_000),
             "responseTimeout": st.integers(0, 86_400_000),

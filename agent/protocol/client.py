@@ -26,7 +26,7 @@ from websockets.protocol import State
 
 POST_CONCURRENCY = 8
 
-__all__ = ["ControllerClient", "PublishError"]
+__all__ = ["ControllerClient", "PublishError", "basic_auth"]
 
 _AUTH_STATUSES = (401, 403)
 _PUBLISH_ATTEMPTS = 4
@@ -72,8 +72,7 @@ class ControllerClient:
             raise ValueError("access key must not contain ':' (HTTP Basic auth)")
         if not event_names:
             raise ValueError("event_names must name at least one event")
-        token = base64.b64encode(f"{access_key}:{secret_key}".encode()).decode("ascii")
-        self._auth_header = f"Basic {token}"
+        self._auth_header = basic_auth(access_key, secret_key)
         self.event_names = list(event_names)
         self.max_frame_bytes = max_frame_bytes
         self.max_transport_bytes = max_transport_bytes or 4 * max_frame_bytes
@@ -317,6 +316,21 @@ class ControllerClient:
                               extra={"path": path, "attempt": attempt + 1, "status": status})
         raise PublishError(f"POST {path} failed: {failure}: {text}".rstrip(": "), status, text)
 
+    async def post_once(self, path: str, body: dict[str, Any], *,
+                        authorization: str | None = None) -> tuple[int, str]:
+        """One POST on the shared connections, no retry: (status, start of the body). For
+        callers with a retry policy of their own (health reports); `authorization` replaces
+        the agent's own credentials. Raises httpx.TransportError when nothing answered."""
+        if self._closed:
+            raise PublishError(f"POST {path}: client is closed")
+        headers = {"Content-Type": "application/json"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        content = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        async with self._posting:
+            response = await self._client().post(self.base_url + path, content=content, headers=headers)
+        return response.status_code, response.text[:_MAX_ERROR_BODY]
+
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
             self._http = httpx.AsyncClient(
@@ -339,6 +353,13 @@ class ControllerClient:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+
+def basic_auth(access_key: str, secret_key: str) -> str:
+    """The HTTP Basic `Authorization` value for an API key pair."""
+    if ":" in access_key:
+        raise ValueError("access key must not contain ':' (HTTP Basic auth)")
+    return "Basic " + base64.b64encode(f"{access_key}:{secret_key}".encode()).decode("ascii")
 
 
 def _base_url(url: str) -> str:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agent.health.request_line import RequestLineError, parse_request_line
 from agent.spec.base import Name, SpecModel
 from agent.spec.errors import PathError
 
 Millis = Annotated[int, Field(ge=0, le=86_400_000)]
-_REQUEST_LINE_RE = re.compile(r"^(GET|HEAD|POST|OPTIONS) (/[\x21-\x7e]*)(?: HTTP/1\.[01])?$")
 
 
 class RecreateOnQuorumStrategyConfig(SpecModel):
@@ -21,7 +20,8 @@ class RecreateOnQuorumStrategyConfig(SpecModel):
 class InstanceHealthCheck(SpecModel):
     """Host-side TCP probe (or HTTP when requestLine is set) against the VM's primary address.
 
-    Times are milliseconds, as in Rancher 1.x.
+    Times are milliseconds, as in Rancher 1.x. requestLine is HAProxy's `option httpchk`
+    argument (agent/health/request_line.py); empty or null means a TCP connect check.
     """
 
     name: Name | None = None
@@ -39,11 +39,11 @@ class InstanceHealthCheck(SpecModel):
     @field_validator("request_line")
     @classmethod
     def _request_line(cls, value: str | None) -> str | None:
-        if value is not None and not _REQUEST_LINE_RE.match(value):
-            raise ValueError(
-                f"{value!r} is not an HTTP request line like 'GET /healthz HTTP/1.0' "
-                "(methods GET, HEAD, POST, OPTIONS; no spaces or control characters in the path)"
-            )
+        if value:
+            try:
+                parse_request_line(value)
+            except RequestLineError as exc:
+                raise ValueError(f"{value!r} is not an HTTP check request line: {exc}") from None
         return value
 
     @field_validator("interval")

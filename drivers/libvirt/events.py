@@ -43,12 +43,22 @@ unknown codes     --                              None         newer libvirt; na
 A guest power-off arrives twice (``shutdown`` then ``stopped``) and a crash may too
 (``crashed`` then ``stopped/crashed`` with on_crash=destroy); a start is preceded by
 ``resumed/unpaused`` (qemu starts paused). Consumers must treat statuses as idempotent.
+
+Each stop also carries its cause for the restart policy (drivers.base.StopCause): ``poweroff``
+for shutdown/finished, shutdown/guest and stopped/shutdown; ``killed`` for stopped/destroyed;
+``crashed`` for stopped/crashed; ``failed`` for stopped/failed. ``crashed/*`` itself has none:
+with on_crash=destroy a ``stopped/crashed`` follows, with on_crash=restart libvirt resets the
+guest in place and nothing stopped. Saved, migrated and snapshot-reverted guests have none
+either: someone moved them on purpose. A domain found shut off (adoption) gets its cause from
+its state reason (:func:`shutoff_cause`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from drivers.base import StopCause
 
 Status = Literal["start", "stop", "die", "destroy"]
 
@@ -72,6 +82,13 @@ _DETAILS: dict[str, tuple[str, ...]] = {
     "pmsuspended": ("memory", "disk"),
     "crashed": ("panicked", "crashloaded"),
 }
+_CAUSES: dict[tuple[str, str], StopCause] = {
+    ("shutdown", "finished"): "poweroff", ("shutdown", "guest"): "poweroff", ("stopped", "shutdown"): "poweroff",
+    ("stopped", "destroyed"): "killed", ("stopped", "crashed"): "crashed", ("stopped", "failed"): "failed",
+}
+# virDomainShutoffReason, by value: unknown, shutdown, destroyed, crashed, migrated, saved, failed,
+# from_snapshot, daemon.
+_SHUTOFF: tuple[StopCause | None, ...] = ("lost", "poweroff", "killed", "crashed", None, None, "failed", None, "lost")
 _STOPPED: dict[str, Status | None] = {
     "shutdown": "stop", "destroyed": "die", "crashed": "die", "failed": "die",
     "saved": "stop", "from_snapshot": "stop", "migrated": None,
@@ -88,6 +105,7 @@ class LifecycleEvent:
     detail: str
     status: Status | None
     timestamp: float
+    cause: StopCause | None = None
 
 
 def event_names(event: int, detail: int) -> tuple[str, str]:
@@ -123,4 +141,10 @@ def to_lifecycle_event(uuid: str, name: str, event: int, detail: int, now: float
     """
     ev, det = event_names(event, detail)
     return LifecycleEvent(uuid=uuid, name=name, event=ev, detail=det,
-                          status=_status(ev, det, after_crash), timestamp=now)
+                          status=_status(ev, det, after_crash), timestamp=now, cause=_CAUSES.get((ev, det)))
+
+
+def shutoff_cause(reason: int) -> StopCause | None:
+    """The cause of a domain found shut off, from `virDomainGetState`'s reason (an unknown
+    reason from a newer libvirt counts as lost)."""
+    return _SHUTOFF[reason] if 0 <= reason < len(_SHUTOFF) else "lost"

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import libvirt
 
@@ -37,11 +36,10 @@ from drivers.base import (
     VmRecord,
     VmSample,
 )
-from drivers.libvirt import host_dirs, inventory, stats, storage, threads
+from drivers.libvirt import domain_ops, host_setup, inventory, stats, threads
 from drivers.libvirt.addresses import LEASES, AddressBook
 from drivers.libvirt.capabilities import probe_host_profile
 from drivers.libvirt.connection import LibvirtConnection, LibvirtUnavailable
-from drivers.libvirt.domxml import metadata
 from drivers.libvirt.domxml.builder import build_domain
 from drivers.libvirt.domxml.inputs import HostPolicy, RenderInput
 from drivers.libvirt.domxml.model import AgentMetadata
@@ -49,14 +47,10 @@ from drivers.libvirt.domxml.writer import to_xml
 from drivers.libvirt.events import LifecycleEvent
 from drivers.libvirt.host_dirs import HostDirError
 from drivers.libvirt.host_profile import HostProfile
+from drivers.libvirt.own_events import OwnEvents
 from drivers.libvirt.provision import Provisioner
 from drivers.libvirt.stream_access import StreamAccess
 
-_UNDEFINE_FLAGS = (
-    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-)
 _STOP_POLL_SECONDS = 0.2
 #: Events after which a domain we do not know yet may be ours (virsh define, a migration in).
 _LEARN_ON = ("defined", "started")
@@ -66,13 +60,6 @@ _QUERY_TIMEOUT = 5.0
 #: than _STATES_STALE (libvirt not answering) is read again before a ping uses it.
 _STATES_EVERY = 10.0
 _STATES_STALE = 60.0
-#: How long the lifecycle events of the agent's own operation may take to arrive from libvirt's
-#: event thread; they are not host events (the operation's reply reports the state).
-_OWN_EVENT_WINDOW = 30.0
-
-
-def _libvirt_message(exc: libvirt.libvirtError) -> str:
-    return f"libvirt: {exc.get_error_message() or exc}"
 
 
 def is_uuid(text: str) -> bool:
@@ -100,7 +87,7 @@ class LibvirtDriver:
         self._adopted = asyncio.Event()
         self._adoption: asyncio.Task[None] | None = None
         self._learning: dict[str, list[LifecycleEvent]] = {}
-        self._own: dict[str, list[tuple[str, float]]] = {}
+        self._own = OwnEvents()
         self._states = inventory.StateBook()
         self._background: set[asyncio.Task[Any]] = set()
         self._host_prepared = False
@@ -189,33 +176,12 @@ class LibvirtDriver:
         )
 
     async def _prepare_host(self) -> None:
-        """Once, on the first connection: the folders qemu must reach, and the pool at this
-        state dir (drivers.libvirt.host_dirs, storage.reconcile_pool). A problem refuses new VMs
-        with its message; adopted VMs are left alone either way."""
+        """Once, on the first connection (drivers.libvirt.host_setup)."""
         self._host_prepared = True
-        layout, profile = self.policy.layout, self.profile
-        parts = urlsplit(self.uri)
-        if parts.hostname or parts.scheme.startswith("test"):
-            return  # a remote host's folders are not ours to look at; the test driver has none
-        self._dir_problem = False
-        if profile.qemu_uid is not None and not profile.session:
-            qemu = host_dirs.qemu_user(profile.qemu_uid, profile.qemu_gid or profile.qemu_uid)
-            try:
-                for change in await asyncio.to_thread(host_dirs.prepare, layout, qemu):
-                    self._log.info("state dir prepared for qemu: %s", change)
-            except host_dirs.HostDirError as exc:
-                self._setup_problem, self._dir_problem = str(exc), True
-                self._log.error(str(exc))
-                return
-        try:
-            moved = await threads.call(storage.reconcile_pool, self._connection(), layout.storage_pool,
-                                       self.provisioner.pool_path)
-        except storage.PoolElsewhere as exc:
-            self._setup_problem = str(exc)
-            self._log.error(str(exc))
-            return
-        if moved:
-            self._log.warning(moved)
+        problem = await host_setup.prepare(self.uri, self.policy.layout, self.profile, self._connection(),
+                                           self.provisioner.pool_path, self._log)
+        if problem is not None:
+            self._setup_problem, self._dir_problem = problem.message, problem.fatal
 
     def _refuse_new_vms(self) -> None:
         if self._setup_problem is not None:
@@ -252,31 +218,12 @@ class LibvirtDriver:
             self._registry.pop(event.uuid, None)
         if event.status is None:
             return
-        if event.event != "undefined" and (self._locks[event.uuid].locked() or self._was_own(event)):
+        if event.event != "undefined" and (self._locks[event.uuid].locked() or self._own.consume(event.uuid, event.status)):
             return  # the agent's own operation: its reply reports the state (container events are for changes on the host)
         host_event = HostEvent(instance_uuid=event.uuid, external_id=event.uuid, status=event.status,
                                timestamp=event.timestamp)
         for listener in self._event_listeners:
             listener(host_event)
-
-    def _expect(self, uuid: str, *statuses: str) -> None:
-        """The agent is about to cause these statuses itself: their events are not host events.
-        A new operation replaces what an earlier one left unused (a graceful stop expects "stop"
-        or "die"; the other must not hide a real crash after the next start)."""
-        deadline = time.monotonic() + _OWN_EVENT_WINDOW
-        self._own[uuid] = [(status, deadline) for status in statuses]
-
-    def _was_own(self, event: LifecycleEvent) -> bool:
-        pending = self._own.get(event.uuid)
-        if not pending:
-            return False
-        now = time.monotonic()
-        pending[:] = [(status, deadline) for status, deadline in pending if deadline > now]
-        for i, (status, _) in enumerate(pending):
-            if status == event.status:
-                del pending[i]
-                return True
-        return False
 
     async def _learn(self, uuid: str) -> None:
         """A domain appeared: if it carries our metadata, adopt it and replay its events."""
@@ -313,7 +260,7 @@ class LibvirtDriver:
         try:
             return await threads.call(fn, *args, timeout=timeout, lane=lane)
         except libvirt.libvirtError as exc:
-            raise DriverError(_libvirt_message(exc)) from None
+            raise DriverError(domain_ops.libvirt_message(exc)) from None
         except LibvirtUnavailable as exc:
             raise Unavailable(str(exc)) from None
 
@@ -326,7 +273,7 @@ class LibvirtDriver:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
-            raise DriverError(_libvirt_message(exc)) from None
+            raise DriverError(domain_ops.libvirt_message(exc)) from None
         return dom if uuid in self._registry or inventory.read_metadata(dom) is not None else None
 
     def _require(self, uuid: str) -> libvirt.virDomain:
@@ -460,7 +407,7 @@ class LibvirtDriver:
             current = self._registry.get(uuid)
             if dom is not None and current is not None and current.spec_hash == domain.metadata.spec_hash:
                 if current != domain.metadata:
-                    await self._call(self._write_metadata, dom, domain.metadata, domain.title, domain.description)
+                    await self._call(domain_ops.write_metadata, dom, domain.metadata, domain.title, domain.description)
                     self._registry[uuid] = domain.metadata
             else:
                 was_running = dom is not None and bool(await self._call(dom.isActive))
@@ -469,41 +416,27 @@ class LibvirtDriver:
                     dom = await threads.call(conn.defineXMLFlags, to_xml(domain), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
                 except (libvirt.libvirtError, DriverError) as exc:
                     await self.provisioner.undo(conn, created)
-                    raise exc if isinstance(exc, DriverError) else DriverError(_libvirt_message(exc)) from None
+                    raise exc if isinstance(exc, DriverError) else DriverError(domain_ops.libvirt_message(exc)) from None
                 restart_required = was_running
                 self._registry[uuid] = domain.metadata
             if start:
-                self._expect(uuid, "start")
+                self._own.expect(uuid, "start")
                 try:
-                    await threads.call(self._start_if_stopped, dom)
+                    await threads.call(domain_ops.start_if_stopped, dom)
                 except (libvirt.libvirtError, DriverError) as exc:
                     if created is not None and created.new_domain:
-                        await self._call(self._undefine, dom)
+                        await self._call(domain_ops.undefine, dom)
                         await self.provisioner.undo(conn, created)
                         self._registry.pop(uuid, None)
-                    raise exc if isinstance(exc, DriverError) else DriverError(_libvirt_message(exc)) from None
+                    raise exc if isinstance(exc, DriverError) else DriverError(domain_ops.libvirt_message(exc)) from None
             record = await self._fresh_record(dom, uuid)
         return replace(record, restart_required=restart_required)
-
-    @staticmethod
-    def _start_if_stopped(dom: libvirt.virDomain) -> None:
-        if not dom.isActive():
-            dom.create()
-
-    @staticmethod
-    def _write_metadata(dom: libvirt.virDomain, meta: AgentMetadata, title: str | None,
-                        description: str | None) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, metadata.metadata_xml(meta), metadata.KEY,
-                        metadata.NAMESPACE, flags)
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, title or None, None, None, flags)
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, description or None, None, None, flags)
 
     async def start_vm(self, instance_uuid: str) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
-            self._expect(instance_uuid, "start")
-            await self._call(self._start_if_stopped, dom)
+            self._own.expect(instance_uuid, "start")
+            await self._call(domain_ops.start_if_stopped, dom)
             return await self._fresh_record(dom, instance_uuid)
 
     async def stop_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
@@ -519,7 +452,7 @@ class LibvirtDriver:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
             await self._stop(dom, timeout)
-            self._expect(instance_uuid, "start")
+            self._own.expect(instance_uuid, "start")
             await self._call(dom.create)
             return await self._fresh_record(dom, instance_uuid)
 
@@ -530,7 +463,7 @@ class LibvirtDriver:
             if dom is None:
                 return
             await self._stop(dom, timeout)
-            await self._call(self._undefine, dom)
+            await self._call(domain_ops.undefine, dom)
             self._registry.pop(instance_uuid, None)
             self.addresses.forget(instance_uuid)
 
@@ -547,15 +480,9 @@ class LibvirtDriver:
             dom = await self._call(self._require, instance_uuid)
             meta = self._registry[instance_uuid]
             updated = AgentMetadata(**{**meta.__dict__, "labels": dict(labels)})
-            await self._call(self._set_metadata_element, dom, updated)
+            await self._call(domain_ops.set_metadata_element, dom, updated)
             self._registry[instance_uuid] = updated
             return await self._fresh_record(dom, instance_uuid)
-
-    @staticmethod
-    def _set_metadata_element(dom: libvirt.virDomain, meta: AgentMetadata) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, metadata.metadata_xml(meta),
-                        metadata.KEY, metadata.NAMESPACE, flags)
 
     # -- streams (drivers.base: console, exec, logs and proxy go through here) --------------------
     async def domain(self, instance_uuid: str) -> libvirt.virDomain:
@@ -593,7 +520,7 @@ class LibvirtDriver:
         """ACPI power button, wait up to `timeout` seconds, then pull the plug."""
         if not await self._call(dom.isActive):
             return
-        self._expect(dom.UUIDString(), "stop", "die")
+        self._own.expect(dom.UUIDString(), "stop", "die")
         if timeout > 0:
             try:
                 await threads.call(dom.shutdown)
@@ -604,24 +531,4 @@ class LibvirtDriver:
                 await asyncio.sleep(_STOP_POLL_SECONDS)
                 if not await self._call(dom.isActive):
                     return
-        await self._call(self._destroy, dom)
-
-    @staticmethod
-    def _destroy(dom: libvirt.virDomain) -> None:
-        try:
-            dom.destroy()
-        except libvirt.libvirtError as exc:
-            if dom.isActive():
-                raise DriverError(_libvirt_message(exc)) from None
-
-    @staticmethod
-    def _undefine(dom: libvirt.virDomain) -> None:
-        try:
-            dom.undefineFlags(_UNDEFINE_FLAGS)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return
-            try:
-                dom.undefine()  # drivers without NVRAM/snapshot support refuse the flags
-            except libvirt.libvirtError:
-                raise DriverError(_libvirt_message(exc)) from None
+        await self._call(domain_ops.destroy, dom)

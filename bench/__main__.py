@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import activate, boot, console, render, scale, seed_iso
+from bench import activate, boot, console, migrate, render, scale, seed_iso
 from bench.common import RESULTS, Result, append_result, fmt, git_commit, machine
 
 Benchmark = Callable[[bool, dict[str, Any]], Awaitable[Result]]
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "seed": seed_iso.run,
     "boot": boot.run,
     "console": console.run,
+    "migrate": migrate.run,
 }
 
 

@@ -168,8 +168,9 @@ async def test_an_agent_on_host_b_serves_a_controller_in_the_root_namespace(host
         reply = await ping(ctl)
         host = next(r for r in reply["data"]["resources"] if r["type"] == "host")
         assert host["hostname"] == b.hostname
-        # its state dir is host B's private /var/lib/herdsman
-        assert (b.path(b.agent_state_dir) / "host-uuid").exists() or any(b.path(b.agent_state_dir).iterdir())
+        # its state is in host B's private /var/lib/herdsman, not the machine's
+        host_uuid = b.path(b.agent_state_dir) / "host-uuid"
+        assert host_uuid.read_text().strip() == host["uuid"]
     finally:
         agent.kill()
         agent.wait(timeout=10)

@@ -73,8 +73,10 @@ def test_prepare_brings_base_and_seed_makes_the_overlay_and_undo_removes_exactly
     src, dst = conns
     xml = guest.domain_xml(a.bridge)
     assert not b.path(guest.dir).exists()
+    a.path(guest.dir).chmod(0o711)  # like the agent's seed folder: traversable, not listable
 
     prepared = destination.prepare(src, dst, xml)
+    assert b.path(guest.dir).stat().st_mode & 0o777 == 0o711
     for name in ("base.qcow2", "seed.iso"):  # copied through the two libvirtds, byte for byte
         assert b.path(guest.dir / name).read_bytes() == a.path(guest.dir / name).read_bytes()
     overlay = qemu_img_info(b, str(guest.overlay))

@@ -80,7 +80,7 @@ def ensure_file(src: libvirt.virConnect, dst: libvirt.virConnect, path: str, don
     if facts.backing is not None:
         ensure_file(src, dst, facts.backing[0], done)
     folder, name = posixpath.split(path)
-    _make_folder(dst, folder, done)
+    _make_folder(src, dst, folder, done)
     with volumes.folder_pool(dst, folder) as pool:
         assert pool is not None
         existing = volumes.find(pool, name)
@@ -113,7 +113,7 @@ def create_disk(src: libvirt.virConnect, dst: libvirt.virConnect, disk: DiskInfo
             raise PreparationError(f"{disk.describe} does not exist on the source host")
         facts = found
         folder, name = posixpath.split(disk.path)
-        _make_folder(dst, folder, done)
+        _make_folder(src, dst, folder, done)
         target, where = volumes.folder_pool(dst, folder), folder
     if facts.backing is not None:
         ensure_file(src, dst, facts.backing[0], done)
@@ -167,8 +167,13 @@ def _remove(dst: libvirt.virConnect, item: Created) -> None:
         volumes.remove_folder(dst, item.folder)
 
 
-def _make_folder(dst: libvirt.virConnect, folder: str, done: Prepared) -> None:
-    done.created += [Created("folder", folder=made) for made in volumes.make_folder(dst, folder)]
+def _make_folder(src: libvirt.virConnect, dst: libvirt.virConnect, folder: str, done: Prepared) -> None:
+    """The folder on the destination, with the source's mode if it must be made (seeds: 0711)."""
+    with volumes.folder_pool(dst, folder) as pool:
+        if pool is not None:
+            return
+    mode = volumes.folder_mode(src, folder) or "0755"
+    done.created += [Created("folder", folder=made) for made in volumes.make_folder(dst, folder, mode)]
 
 
 def _check_same(src: libvirt.virConnect, facts: VolumeFacts, dst: libvirt.virConnect,
@@ -200,7 +205,7 @@ def _dest_pool(src: libvirt.virConnect, dst: libvirt.virConnect, name: str, done
         path = source.findtext("./target/path")
         if source.get("type") != "dir" or not path:
             raise PreparationError(f"the destination has no storage pool {name!r}")
-        _make_folder(dst, path, done)  # before the pool exists: libvirt allows one pool per folder
+        _make_folder(src, dst, path, done)  # before the pool exists: libvirt allows one pool per folder
         xml = (f"<pool type='dir'><name>{volumes._escape(name)}</name><target><path>"
                f"{volumes._escape(path)}</path><permissions><mode>"
                f"{source.findtext('./target/permissions/mode') or '0711'}</mode></permissions></target></pool>")

@@ -74,14 +74,14 @@ def _active_pool_for(conn: libvirt.virConnect, folder: str) -> libvirt.virStorag
 
 
 @contextmanager
-def folder_pool(conn: libvirt.virConnect, folder: str, *, build: bool = False
+def folder_pool(conn: libvirt.virConnect, folder: str, *, build: bool = False, mode: str = "0755"
                 ) -> Iterator[libvirt.virStoragePool | None]:
     """An active dir pool on `folder`: the host's own if it has one, else a transient one.
 
-    Yields None when the folder does not exist; `build` makes it (and its parents) first.
+    Yields None when the folder does not exist; `build` makes it (and its parents, `mode`) first.
     """
     folder = posixpath.normpath(folder)
-    xml = _pool_xml("herdsman-migrate-", folder)
+    xml = _pool_xml("herdsman-migrate-", folder, mode)
     with _lock(conn, folder):
         for _ in range(3):
             existing = _active_pool_for(conn, folder)
@@ -114,8 +114,16 @@ def active_pool_for(conn: libvirt.virConnect, folder: str) -> libvirt.virStorage
     return _active_pool_for(conn, posixpath.normpath(folder))
 
 
-def make_folder(conn: libvirt.virConnect, folder: str) -> list[str]:
-    """Make `folder` (0755, with missing parents) unless it exists; return the folders this
+def folder_mode(conn: libvirt.virConnect, folder: str) -> str | None:
+    """The folder's permission bits (`0711`), None when it does not exist."""
+    with folder_pool(conn, folder) as pool:
+        if pool is None:
+            return None
+        return etree.fromstring(pool.XMLDesc(0).encode()).findtext("./target/permissions/mode")
+
+
+def make_folder(conn: libvirt.virConnect, folder: str, mode: str = "0755") -> list[str]:
+    """Make `folder` (with missing parents, `mode`) unless it exists; return the folders this
     call made, outermost first, so an undo can remove exactly those.
 
     Existing folders are never built: a dir pool's build would reset their mode.
@@ -129,7 +137,7 @@ def make_folder(conn: libvirt.virConnect, folder: str) -> list[str]:
         missing.append(path)
         path = posixpath.dirname(path)
     if missing:
-        with folder_pool(conn, folder, build=True):
+        with folder_pool(conn, folder, build=True, mode=mode):
             pass
     return missing[::-1]
 
@@ -228,10 +236,10 @@ def volume_xml(name: str, capacity: int, fmt: str, *, mode: str = "0600",
     return etree.tostring(vol, encoding="unicode")
 
 
-def _pool_xml(prefix: str, folder: str) -> str:
+def _pool_xml(prefix: str, folder: str, mode: str = "0755") -> str:
     name = prefix + hashlib.sha256(folder.encode()).hexdigest()[:12]
     return (f"<pool type='dir'><name>{name}</name><target><path>{_escape(folder)}</path>"
-            "<permissions><mode>0755</mode></permissions></target></pool>")
+            f"<permissions><mode>{_escape(mode)}</mode></permissions></target></pool>")
 
 
 def _escape(text: str) -> str:

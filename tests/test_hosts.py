@@ -183,7 +183,7 @@ def test_a_killed_sessions_environment_is_reaped(hosts_env: HostsEnv) -> None:
     run: its processes, namespaces, cgroups and files go; live environments stay."""
     owner = subprocess.Popen(["sleep", "300"])
     try:
-        stale = envs.up(f"stale-{os.getpid()}", owner=(owner.pid, envs._start_time(owner.pid) or 0))
+        stale = envs.up(f"stale-{os.getpid()}", owner=envs.process_identity(owner.pid))
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()

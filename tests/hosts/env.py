@@ -35,7 +35,7 @@ class HostsEnv:
     name: str
     slot: int
     dir: Path
-    owner: tuple[int, int] | None  # (pid, start time in clock ticks) of the owning process
+    owner: tuple[int, ...] | None  # (pid, start time in clock ticks, pid namespace) of the owner
     bridge: str = "br0"
     roles: tuple[str, ...] = ROLES
     hosts: dict[str, Host] = field(default_factory=dict)
@@ -109,7 +109,7 @@ class HostsEnv:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def up(name: str, *, owner: tuple[int, int] | None, bridge: str = "br0") -> HostsEnv:
+def up(name: str, *, owner: tuple[int, ...] | None, bridge: str = "br0") -> HostsEnv:
     """Create and start an environment named `name` (an existing one of that name is replaced)."""
     REGISTRY.mkdir(mode=0o755, parents=True, exist_ok=True)
     started = time.monotonic()
@@ -182,13 +182,22 @@ def reap_stale() -> list[str]:
     return reaped
 
 
-def current_owner() -> tuple[int, int]:
-    return os.getpid(), _start_time(os.getpid()) or 0
+def current_owner() -> tuple[int, int, int]:
+    return process_identity(os.getpid())
 
 
-def owner_alive(owner: tuple[int, int]) -> bool:
-    """Whether that process still runs (the start time guards against a reused pid)."""
-    return _start_time(owner[0]) == owner[1]
+def process_identity(pid: int) -> tuple[int, int, int]:
+    """(pid, start time, pid namespace): enough to tell a live owner from a reused pid."""
+    return pid, _start_time(pid) or 0, os.stat(f"/proc/{pid}/ns/pid").st_ino
+
+
+def owner_alive(owner: tuple[int, ...]) -> bool:
+    """Whether that process still runs. An owner in another pid namespace cannot be checked
+    from here: it counts as alive (its environment is never reaped by mistake)."""
+    pid, start, *ns = owner
+    if ns and ns[0] != os.stat("/proc/self/ns/pid").st_ino:
+        return True
+    return _start_time(pid) == start
 
 
 def _start_time(pid: int) -> int | None:

@@ -150,7 +150,10 @@ async def _after_abort(dom: libvirt.virDomain, monitor: Monitor, call_done: asyn
         if attempt == "release":
             if release is None or monitor.phase == "postcopy":
                 return  # post-copy: both halves are needed for a resume; never cut them
-            result.released = await run(release)
+            try:
+                result.released = await run(release)
+            except Exception as exc:  # noqa: BLE001 - reported; the verdict still comes from the states
+                result.released = f"could not release: {exc}"
         deadline = clock() + grace
         while clock() < deadline:
             if call_done.done():
@@ -223,7 +226,7 @@ def _start_postcopy(dom: libvirt.virDomain) -> bool:
         dom.migrateStartPostCopy(0)
         return True
     except libvirt.libvirtError:
-        return False  # too early or already over: the monitor asks again only at the deadline
+        return False  # too early or already over: not asked again, the deadline then aborts
 
 
 def _completed_stats(dst: libvirt.virConnect, uuid: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import activate, boot, console, health, metrics, ports, realhost, render, scale, seed_iso
+from bench import activate, boot, console, health, metrics, migrate, ports, realhost, render, scale, seed_iso
 from bench.common import RESULTS, Result, append_result, fmt, git_commit, machine
 
 Benchmark = Callable[[bool, dict[str, Any]], Awaitable[Result]]
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "realboot": realhost.realboot,
     "pingload": realhost.pingload,
     "health": health.run,
+    "migrate": migrate.run,
 }
 
 

@@ -54,6 +54,7 @@ class ControllerDouble:
         self.secret_key = secret_key
         self.keepalive_interval = keepalive_interval
         self.port: int | None = None
+        self.host = "127.0.0.1"
         self.subscriptions: list[list[str]] = []
         self.replies: list[dict[str, Any]] = []
         self.container_events: list[dict[str, Any]] = []
@@ -72,18 +73,20 @@ class ControllerDouble:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("ControllerDouble is not started")
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def connected(self) -> int:
         """How many subscribers are connected right now."""
         return len(self._subscribers)
 
-    async def start(self, port: int = 0) -> None:
+    async def start(self, port: int = 0, host: str | None = None) -> None:
+        """Listen on `host` (default 127.0.0.1; agents in test hosts need the LAN's root address)."""
+        self.host = host or self.host
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((self.host, port))
         except OSError:
             sock.close()
             raise

@@ -224,7 +224,8 @@ class Agent:
             asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"),
         ]
         if self.host_checks:
-            tasks.append(asyncio.create_task(log_host_checks(self.config), name="host-check"))
+            tasks.append(asyncio.create_task(log_host_checks(self.config, profile=self.driver.profile_or_none),
+                                             name="host-check"))
         if self.config.controller_public_key:
             tasks.append(asyncio.create_task(self._load_controller_key(self.config.controller_public_key), name="token-key"))
         try:  # the listening socket is closed even when run() is cancelled

@@ -79,18 +79,23 @@ async def running_agent(tmp_path: Path, *, uri: str = "test:///default", **overr
 class AgentProcess:
     """`herdsman run` as a real process, for tests that kill it."""
 
-    def __init__(self, url: str, state_dir: Path, log_dir: Path, *, uri: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, state_dir: Path, log_dir: Path, *, uri: str, env: dict[str, str] | None = None,
+                 extra: list[str] | None = None, umask: int | None = None) -> None:
+        """`extra`: more `herdsman run` arguments; `umask`: the process's umask (a hardened host's 077)."""
         self.args = [sys.executable, "-m", "agent", "run", "--url", url, "--access-key", "agent", "--secret-key", "secret",
                      "--libvirt-uri", uri, "--state-dir", str(state_dir), "--log-dir", str(log_dir),
-                     "--domain-type", "qemu", "--log-format", "text"]
+                     "--domain-type", "qemu", "--log-format", "text", *(extra or [])]
         self.env = {**os.environ, **(env or {})}
+        self.umask = umask
         self.log_path = state_dir.parent / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        umask = self.umask
+        self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if umask is None else (lambda: os.umask(umask)))
         log.close()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

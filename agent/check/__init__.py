@@ -21,6 +21,7 @@ from agent.check.paths import traversal_check
 from agent.config import AgentConfig
 from drivers.base import HostCheck
 from drivers.libvirt import preflight
+from drivers.libvirt.host_profile import HostProfile
 
 __all__ = ["exit_code", "format_lines", "run_checks"]
 
@@ -28,9 +29,10 @@ __all__ = ["exit_code", "format_lines", "run_checks"]
 STATE_SUBDIRS = ("pool", "seeds", "kernels")
 
 
-def run_checks(config: AgentConfig) -> list[HostCheck]:
+def run_checks(config: AgentConfig, profile: HostProfile | None = None) -> list[HostCheck]:
     """Every check, in the order an operator fixes them. Blocking (libvirt, HTTP): run it in a
-    process or thread of its own, never on the agent's event loop."""
+    process or thread of its own, never on the agent's event loop. `profile`: the host profile
+    the agent already probed (each probe may cost libvirt seconds), or None to probe."""
     checks: list[HostCheck] = []
     conn, reached = preflight.connect(config.libvirt_uri)
     checks.append(reached)
@@ -39,7 +41,7 @@ def run_checks(config: AgentConfig) -> list[HostCheck]:
                    for name in ("kvm", "state-dir", "log-dir", "storage-pool", "network")]
     else:
         try:
-            checks += libvirt_checks(conn, config)
+            checks += libvirt_checks(conn, config, profile)
         finally:
             conn.close()
     checks.append(disk_space(config.state_dir))
@@ -50,14 +52,15 @@ def run_checks(config: AgentConfig) -> list[HostCheck]:
     return checks
 
 
-def libvirt_checks(conn: libvirt.virConnect, config: AgentConfig) -> list[HostCheck]:
+def libvirt_checks(conn: libvirt.virConnect, config: AgentConfig,
+                   profile: HostProfile | None = None) -> list[HostCheck]:
     checks = []
     uri = conn.getURI()
     if uri.startswith("qemu"):  # the test driver runs no guests: no KVM to judge
-        checks.append(preflight.kvm(conn, config.domain_type))
+        checks.append(preflight.kvm(conn, config.domain_type, profile))
         if uri.startswith("qemu:"):  # a local daemon: this host's /dev/kvm
             checks.append(preflight.kvm_device())
-    qemu = preflight.qemu_identity(conn)
+    qemu = preflight.qemu_identity(conn, profile=profile)
     try:
         gids = os.getgrouplist(pwd.getpwuid(qemu.uid).pw_name, qemu.gid)
     except KeyError:  # a uid without a passwd entry: its primary group only

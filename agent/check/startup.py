@@ -1,9 +1,10 @@
-"""The host checks at agent start-up: `herdsman check --json` in a child process, logged.
+"""The host checks at agent start-up, logged.
 
-A child process because the checks make blocking libvirt calls on connections of their own,
-and libvirt's event loop integration in the agent's process belongs to the agent's connection;
-the child shares nothing with it and its wait never touches the agent's event loop. It runs in
-the background: a broken check never delays serving the controller.
+They run in the background on a thread of their own (blocking libvirt and HTTP calls, never on
+the agent's event loop), and reuse the host profile the agent probed: on a host where libvirt
+re-probes qemu for every capabilities lookup, probing again would cost seconds each. A broken
+check never delays serving the controller. `host_checks` (`herdsman check --json` in a child
+process) is the same without the agent's profile.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import logging
 import os
 import sys
 
+from agent.check import run_checks
 from agent.config import SETTINGS, AgentConfig
 from drivers.base import HostCheck
+from drivers.libvirt.host_profile import HostProfile
 
 _LEVELS = {"ok": logging.INFO, "warn": logging.WARNING, "fail": logging.ERROR}
 
@@ -54,11 +57,16 @@ async def host_checks(config: AgentConfig, *, timeout: float = 120.0) -> list[Ho
     return checks
 
 
-async def log_host_checks(config: AgentConfig, logger: logging.Logger | None = None) -> list[HostCheck]:
-    """Run the checks and log each one at its level (ok: INFO, warn: WARNING, fail: ERROR)."""
+async def log_host_checks(config: AgentConfig, logger: logging.Logger | None = None,
+                          profile: HostProfile | None = None) -> list[HostCheck]:
+    """Run the checks and log each one at its level (ok: INFO, warn: WARNING, fail: ERROR):
+    in this process with the agent's `profile`, else in a child process."""
     log = logger or logging.getLogger("herdsman.check")
     try:
-        checks = await host_checks(config)
+        if profile is not None:
+            checks = await asyncio.to_thread(run_checks, config, profile)
+        else:
+            checks = await host_checks(config)
     except (OSError, RuntimeError, TimeoutError) as exc:
         log.warning("host checks could not run", extra={"error": str(exc)})
         return []

@@ -147,8 +147,6 @@ def probe_host_profile(conn: libvirt.virConnect,
     arch = caps.findtext("host/cpu/arch") or platform.machine()
     arch_el = caps.find(f"guest[os_type='hvm']/arch[@name='{_xpath_literal_safe(arch)}']")
     offered = {d.get("type") for d in arch_el.findall("domain")} if arch_el is not None else set()
-    kvm_caps = _domcaps(conn, arch, "kvm") if "kvm" in offered else None
-
     if parts.hostname:  # a remote daemon: its host's files are not ours to read
         features = [f.get("name", "") for f in caps.findall("host/cpu/feature")]
         cpuinfo, modules = "flags\t: " + " ".join(features), []
@@ -158,7 +156,12 @@ def probe_host_profile(conn: libvirt.virConnect,
         except OSError:
             cpuinfo = ""
         modules = _local_kvm_modules()
-    ok, why = kvm_usable(cpuinfo, kvm_caps is not None, kvm_modules=modules, arch=arch)
+    # Each libvirt capabilities lookup may re-probe qemu (seconds on a host whose /dev/kvm it
+    # cannot open): ask for kvm's domain capabilities only when the CPU and modules allow KVM.
+    possible, _ = kvm_usable(cpuinfo, True, kvm_modules=modules, arch=arch)
+    kvm_caps = _domcaps(conn, arch, "kvm") if "kvm" in offered and possible else None
+    ok, why = kvm_usable(cpuinfo, kvm_caps is not None or ("kvm" in offered and not possible),
+                         kvm_modules=modules, arch=arch)
 
     warnings: list[str] = []
     domain_type: DomainType
@@ -193,6 +196,7 @@ def probe_host_profile(conn: libvirt.virConnect,
     qemu = dac_label(caps, domain_type)
     return HostProfile(
         domain_type=domain_type, arch=arch, machine=machine, emulator=emulator,
+        kvm_usable=ok, kvm_reason=why,
         qemu_uid=qemu[0] if qemu else None, qemu_gid=qemu[1] if qemu else None,
         host_cpus=conn.getInfo()[2], session=session,
         libvirt_version=_version(conn.getLibVersion()), qemu_version=_version(conn.getVersion()),

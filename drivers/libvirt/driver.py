@@ -133,6 +133,11 @@ class LibvirtDriver:
         return self._conn.connected
 
     @property
+    def profile_or_none(self) -> HostProfile | None:
+        """The host profile once libvirt has been reached (probed once per process)."""
+        return self._profile
+
+    @property
     def profile(self) -> HostProfile:
         if self._profile is None:
             raise Unavailable(f"libvirt at {self.uri} has not been reached yet")
@@ -158,9 +163,11 @@ class LibvirtDriver:
             listener(True)
 
     async def _adopt(self) -> None:
-        """Read every managed domain from libvirt; changes nothing on the host."""
+        """Read every managed domain from libvirt (changes none of them); on the first call, the
+        host profile (after giving /dev/kvm its udev group and mode if it lacks them)."""
         conn = self._conn.get()
         if self._profile is None:  # probed once per process: each probe may cost seconds
+            await asyncio.to_thread(host_setup.prepare_kvm_device, self.uri, self._log)
             session = self.uri.endswith("/session")
             self._profile = await threads.call(functools.partial(probe_host_profile, conn, self._requested_type,  # type: ignore[arg-type]
                                                                   session=session))

@@ -27,4 +27,7 @@ class HostProfile:
     #: who qemu runs as (libvirt's DAC base label); None where libvirt names nobody (session)
     qemu_uid: int | None = None
     qemu_gid: int | None = None
+    #: whether hardware KVM really works here, whatever type was chosen, and why (not)
+    kvm_usable: bool = False
+    kvm_reason: str = ""
     warnings: tuple[str, ...] = field(default=())

@@ -19,6 +19,7 @@ from lxml import etree
 
 from drivers.base import HostCheck
 from drivers.libvirt.capabilities import dac_label, probe_host_profile
+from drivers.libvirt.host_profile import HostProfile
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
 KVM_DEVICE = Path("/dev/kvm")
@@ -48,11 +49,12 @@ def connect(uri: str) -> tuple[libvirt.virConnect | None, HostCheck]:
     return conn, HostCheck("ok", "libvirtd", f"{uri}: {versions}")
 
 
-def kvm(conn: libvirt.virConnect, requested: Literal["auto", "kvm", "qemu"]) -> HostCheck:
-    """Whether guests get hardware KVM, as the agent would decide at start-up."""
-    profile = probe_host_profile(conn, "auto")
-    usable = profile.domain_type == "kvm"
-    why = "; ".join(profile.warnings)
+def kvm(conn: libvirt.virConnect, requested: Literal["auto", "kvm", "qemu"],
+        profile: HostProfile | None = None) -> HostCheck:
+    """Whether guests get hardware KVM, as the agent decides at start-up (`profile`: the one
+    the agent probed, reused: each probe may cost libvirt seconds)."""
+    profile = profile or probe_host_profile(conn, "auto")
+    usable, why = profile.kvm_usable, profile.kvm_reason
     fix = ("KVM needs vmx or svm in /proc/cpuinfo and kvm_intel or kvm_amd loaded (in a VM: nested "
            "virtualisation enabled by the outer hypervisor)")
     if requested == "kvm":
@@ -89,11 +91,15 @@ def kvm_device(path: Path = KVM_DEVICE) -> HostCheck:
                      'KERNEL=="kvm", GROUP="kvm", MODE="0660"')
 
 
-def qemu_identity(conn: libvirt.virConnect, domain_type: str = "qemu") -> QemuIdentity:
+def qemu_identity(conn: libvirt.virConnect, domain_type: str = "qemu",
+                  profile: HostProfile | None = None) -> QemuIdentity:
     """Who qemu runs as, from libvirt's own DAC base label (`+64055:+64055`); the current user
     where there is none (qemu:///session)."""
-    caps = etree.fromstring(conn.getCapabilities().encode(), _PARSER)
-    uid, gid = dac_label(caps, domain_type) or (os.getuid(), os.getgid())
+    if profile is not None and profile.qemu_uid is not None:
+        uid, gid = profile.qemu_uid, profile.qemu_gid if profile.qemu_gid is not None else profile.qemu_uid
+    else:
+        caps = etree.fromstring(conn.getCapabilities().encode(), _PARSER)
+        uid, gid = dac_label(caps, domain_type) or (os.getuid(), os.getgid())
     return QemuIdentity(uid, gid, f"{_owner_name(uid)}:{_group_name(gid)}")
 
 

@@ -36,6 +36,12 @@ def reconcile_pool(conn: libvirt.virConnect, name: str, path: Path) -> str:
     try:
         pool = conn.storagePoolLookupByName(name)
     except libvirt.libvirtError:
+        other = _pool_at(conn, path)
+        if other is not None:  # libvirt refuses two pools on one folder: say which, and what to do
+            raise PoolElsewhere(
+                f"this agent's pool folder {path} belongs to storage pool {other!r}, not {name!r}: VMs "
+                f"already there keep running, new ones are refused. Fix: start the agent with "
+                f"--storage-pool {other}, or give it another --state-dir") from None
         return ""  # defined on first use
     current = pool_path(pool)
     if os.path.normpath(current) == os.path.normpath(path):
@@ -53,6 +59,13 @@ def reconcile_pool(conn: libvirt.virConnect, name: str, path: Path) -> str:
     pool.undefine()
     ensure_pool(conn, name, path)
     return f"storage pool {name!r} moved from {current} (gone or empty) to {path}"
+
+
+def _pool_at(conn: libvirt.virConnect, path: Path) -> str | None:
+    for pool in conn.listAllStoragePools(0):
+        if os.path.normpath(pool_path(pool)) == os.path.normpath(path):
+            return str(pool.name())
+    return None
 
 
 class PoolElsewhere(DriverError):

@@ -39,6 +39,7 @@ import libvirt
 
 from bench.common import REPO, SUMMARY_HEADER, Result, Summary, Target, fmt, print_table, summary_row
 from tests.controller_double import ControllerDouble
+from tests.libvirtd_fixtures import cleanup_test_host
 
 URI = "qemu:///system"
 ROOT = Path("/var/lib/herdsman-bench")
@@ -166,27 +167,6 @@ class AgentRun:
                 await self.ctl.wait_subscribed(timeout=300, count=len(self.ctl.subscriptions) + 1)
 
 
-def cleanup(conn: libvirt.virConnect, root: Path, pool: str) -> None:
-    """Every domain whose XML mentions `root`, the pool, the folder."""
-    for dom in conn.listAllDomains(0):
-        try:
-            if str(root) not in dom.XMLDesc(0):
-                continue
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError:
-            continue
-    with contextlib.suppress(libvirt.libvirtError):
-        p = conn.storagePoolLookupByName(pool)
-        for vol in p.listAllVolumes(0):
-            vol.delete(0)
-        if p.isActive():
-            p.destroy()
-        p.undefine()
-    shutil.rmtree(root, ignore_errors=True)
-
-
 @contextlib.asynccontextmanager
 async def agent_on_real_host(watchdog_usec: int = 1_000_000) -> AsyncIterator[tuple[AgentRun, str]]:
     """A running agent process, the test guest's image reference; everything removed after."""
@@ -206,7 +186,7 @@ async def agent_on_real_host(watchdog_usec: int = 1_000_000) -> AsyncIterator[tu
     finally:
         await run.stop()
         await ctl.stop()
-        cleanup(conn, root, run.pool)
+        cleanup_test_host(conn, root, run.pool)
         conn.close()
 
 

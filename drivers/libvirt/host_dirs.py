@@ -73,9 +73,10 @@ def first_blocked(path: Path, uid: int, gids: Collection[int]) -> tuple[Path, os
 
 
 def owned_dirs(layout: HostLayout) -> list[Path]:
-    """The folders qemu passes through on the way to what the agent hands it."""
+    """The folders qemu passes through on the way to what the agent hands it (the log dir too:
+    with qemu.conf's stdio_handler = "file" qemu writes the console logs itself)."""
     state = layout.state_dir
-    return [state, state / "seeds", state / "pool", state / "kernels"]
+    return [state, state / "seeds", state / "pool", state / "kernels", layout.log_dir]
 
 
 def make_dir(path: Path, mode: int = TRAVERSE) -> list[Path]:

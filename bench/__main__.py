@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import activate, boot, console, health, metrics, migrate, ports, realhost, render, scale, seed_iso
+from bench import activate, boot, console, health, metrics, migrate, ports, realhost, render, scale, seed_iso, slowprobe
 from bench.common import RESULTS, Result, append_result, fmt, git_commit, machine
 
 Benchmark = Callable[[bool, dict[str, Any]], Awaitable[Result]]
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "ports": ports.run,
     "realboot": realhost.realboot,
     "pingload": realhost.pingload,
+    "slowprobe": slowprobe.run,
     "health": health.run,
     "migrate": migrate.run,
 }

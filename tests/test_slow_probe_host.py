@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,9 +39,13 @@ def slow_probe_host(hosts_env: HostsEnv) -> Iterator[Host]:  # noqa: F811
     outputs = b.run([*admin, "daemon-log-outputs"], capture_output=True, text=True).stdout.split(":", 1)[1].strip()
     b.run([*admin, "daemon-log-filters", "1:qemu.qemu_capabilities 4:*"])
     b.run([*admin, "daemon-log-outputs", f"1:file:{CAPS_LOG}"])
+    time.sleep(1.1)  # libvirt notices a change of /dev/kvm by its ctime, in whole seconds
     b.run(["chown", "root:root", "/dev/kvm"])
     b.run(["chmod", "0600", "/dev/kvm"])
     try:
+        before = probes(b)
+        b.run(["virsh", "-c", "qemu:///system", "domcapabilities"])
+        assert probes(b) > before, "host B did not become a slow-probe host"
         yield b
     finally:
         b.run(["chown", "root:kvm", "/dev/kvm"])

@@ -30,6 +30,7 @@ from drivers.ports.publisher import PortPublisher
 from drivers.ports.ruleset import TableConfig
 from tests.libvirtd_fixtures import SYSTEM_URI, system_connection
 from tests.ports_fixtures import drop_table, forward_chain, needs_root_nft, nft_json, published, table_text
+from tests.unix_proxy import UnixProxy
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.timeout(120)]
 
@@ -96,11 +97,11 @@ def running_vm(port: int) -> dict[str, AgentMetadata]:
     return {VM: AgentMetadata(instance_uuid=VM, spec_hash="", ports=(PortBinding("tcp", "0.0.0.0", port, 80),))}
 
 
-async def started(net: Network, table: TableConfig, **timing: float) -> PortSync:
+async def started(net: Network, table: TableConfig, conn: libvirt.virConnect | None = None, **timing: float) -> PortSync:
     sync = PortSync(PortPublisher(table=table), network=net.name, logger=logging.getLogger("test.ports"), **timing)
     registry = running_vm(random.randint(41000, 41999))
     sync.start(registry=lambda: registry, state=lambda _uuid: "running", addresses=Addresses({VM: net.guest}))
-    sync.connected(net.conn)
+    sync.connected(conn or net.conn)
     await until(lambda: sync.count >= 1)
     return sync
 
@@ -137,6 +138,31 @@ async def test_a_restarted_network_gets_route_localnet_back(network: Network, ta
         await until(lambda: sync.count > before and localnet.route_localnet(network.bridge) is True)
     finally:
         await sync.close()
+
+
+async def test_after_a_reconnect_the_new_connection_brings_the_events(network: Network, table: TableConfig,
+                                                                      tmp_path) -> None:
+    proxy = UnixProxy(tmp_path / "libvirt-sock")
+    proxy.listen()
+    uri = f"qemu+unix:///system?socket={proxy.path}"
+    first = libvirt.open(uri)
+    sync = await started(network, table, first)
+    second = None
+    try:
+        proxy.cut()  # libvirtd gone for this client: EOF on the first connection
+        proxy.listen()
+        second = libvirt.open(uri)
+        before = sync.count
+        sync.connected(second)  # what the driver does after adopting again
+        await until(lambda: sync.count > before)
+        before = sync.count
+        await asyncio.to_thread(network.restart)
+        await until(lambda: sync.count > before and localnet.route_localnet(network.bridge) is True)
+    finally:
+        await sync.close()
+        if second is not None:
+            second.close()
+        proxy.stop()
 
 
 async def test_what_others_flush_is_repaired_and_closing_clears_nothing(network: Network, table: TableConfig) -> None:

@@ -95,10 +95,7 @@ class PortSync:
             task.cancel()
         watch, self._watch = self._watch, None
         if watch is not None:
-            try:
-                await threads.call(self._unwatch, *watch, timeout=5, what="network event deregistration")
-            except DriverError:
-                pass
+            await self._let_go(*watch)
 
     def request(self) -> None:
         """Ask for a sync (coalesced with every other request until it runs)."""
@@ -130,6 +127,9 @@ class PortSync:
     # -- after a connect ---------------------------------------------------------------------------
     async def _on_connect(self, conn: libvirt.virConnect) -> None:
         wanted = [u for u, m in self._registry().items() if m.ports and self._state(u) not in (None, *_INACTIVE)]
+        old, self._watch = self._watch, None
+        if old is not None:
+            self._spawn("unwatch", self._let_go(*old))
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("listening to the managed network's events", lambda: threads.call(
                 self._watch_network, conn, timeout=30, what="network event registration")),
@@ -146,13 +146,17 @@ class PortSync:
         self.request()
 
     def _watch_network(self, conn: libvirt.virConnect) -> None:
-        """Blocking: register for the managed network's lifecycle events on this connection
-        (after a reconnect the old registration died with the old connection)."""
-        old, self._watch = self._watch, None
-        if old is not None:
-            self._unwatch(*old)
+        """Blocking: register for the managed network's lifecycle events on this connection."""
         callback = conn.networkEventRegisterAny(None, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, self._on_network, None)
         self._watch = (conn, callback)
+
+    async def _let_go(self, conn: libvirt.virConnect, callback: int) -> None:
+        """Deregister from an earlier connection, on the side: it may hang, and must not hold
+        up the new one."""
+        try:
+            await threads.call(self._unwatch, conn, callback, timeout=10, what="network event deregistration")
+        except DriverError as exc:
+            self._log.debug("network event deregistration: %s", exc)
 
     def _unwatch(self, conn: libvirt.virConnect, callback: int) -> None:
         try:
@@ -175,7 +179,7 @@ class PortSync:
             await self._read_bridge(conn)
         except (libvirt.libvirtError, DriverError) as exc:
             self._log.warning("published ports: reading the restarted network failed: %s", exc)
-        self._log.info("managed network started: published ports synced again", extra={"network": self.network})
+        self._log.info("managed network started; published ports are written again", extra={"network": self.network})
         self.request()
 
     async def _read_bridge(self, conn: libvirt.virConnect) -> None:

@@ -30,6 +30,7 @@ from drivers.libvirt.domxml.inputs import HostPolicy
 from drivers.libvirt.driver import LibvirtDriver
 from drivers.libvirt.host_dirs import make_dir
 from drivers.libvirt.layout import HostLayout
+from drivers.libvirt.published_ports import port_publisher
 
 log = logging.getLogger("herdsman")
 
@@ -39,8 +40,10 @@ def build_driver(config: AgentConfig) -> LibvirtDriver:
     policy = HostPolicy(layout=layout, network=config.network, bridge=config.bridge,
                         vnc_secret=secret(config, "vnc"))
     threads.configure(workers=max(16, 2 * config.concurrency), timeout=config.libvirt_timeout)
+    ports = port_publisher(config.libvirt_uri, port_range=config.port_range, table=config.ports_table)
     return LibvirtDriver(config.libvirt_uri, policy=policy, domain_type=config.domain_type,
-                         logger=logging.getLogger("herdsman.libvirt"), open_timeout=min(30.0, config.libvirt_timeout))
+                         logger=logging.getLogger("herdsman.libvirt"), open_timeout=min(30.0, config.libvirt_timeout),
+                         ports=ports)
 
 
 def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish: Publish,

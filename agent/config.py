@@ -18,6 +18,9 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drivers.ports.model import PortRange
+from drivers.ports.ruleset import DEFAULT_TABLE, TableConfig
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -43,6 +46,9 @@ SETTINGS: dict[str, Setting] = {
     "concurrency": Setting("--concurrency", "HERDSMAN_CONCURRENCY", "heavy operations at once (default 8)"),
     "network": Setting("--network", "HERDSMAN_NETWORK", "libvirt network for networkMode managed (default 'default')"),
     "bridge": Setting("--bridge", "HERDSMAN_BRIDGE", "host bridge for networkMode bridge (default br0)"),
+    "port_range": Setting("--port-range", "HERDSMAN_PORT_RANGE",
+                          "host ports the agent chooses from for a `ports` entry without one, e.g. \"80\" (default 20000-29999)"),
+    "ports_table": Setting("--ports-table", "HERDSMAN_PORTS_TABLE", "the nftables table (family ip) of published ports (default herdsman)"),
     "storage_pool": Setting("--storage-pool", "HERDSMAN_STORAGE_POOL", "libvirt storage pool for volumes (default herdsman)"),
     "stop_timeout": Setting("--stop-timeout", "HERDSMAN_STOP_TIMEOUT", "seconds a guest gets to power off before it is destroyed (default 10)"),
     "libvirt_timeout": Setting("--libvirt-timeout", "HERDSMAN_LIBVIRT_TIMEOUT",
@@ -84,6 +90,8 @@ class AgentConfig(BaseModel):
     concurrency: int = Field(default=8, ge=1, le=256)
     network: str = "default"
     bridge: str = "br0"
+    port_range: str = "20000-29999"
+    ports_table: str = DEFAULT_TABLE
     storage_pool: str = "herdsman"
     stop_timeout: float = Field(default=10.0, ge=0, le=3600)
     libvirt_timeout: float = Field(default=120.0, ge=1, le=86400)
@@ -116,6 +124,16 @@ class AgentConfig(BaseModel):
         if value is not None:
             parse_listen(value)
         return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        return str(PortRange.parse(value))
+
+    @field_validator("ports_table")
+    @classmethod
+    def _ports_table(cls, value: str) -> str:
+        return TableConfig(name=value).name
 
     @field_validator("stream_url")
     @classmethod

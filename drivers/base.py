@@ -58,6 +58,8 @@ class VmRecord:
     primary_ip: str | None = None
     #: the running domain uses an older spec; the new one applies at the next cold start
     restart_required: bool = False
+    #: the VM's published ports as docker writes them: 'hostIp:hostPort:guestPort/protocol'
+    published_ports: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

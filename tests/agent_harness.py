@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 from agent.app import Agent
 from agent.config import AgentConfig
 from tests.controller_double import ControllerDouble
+from tests.ports_fixtures import drop_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,6 +61,8 @@ async def running_agent(tmp_path: Path, *, uri: str = "test:///default", **overr
     ctl = ControllerDouble()
     await ctl.start()
     settings: dict[str, Any] = {"state_dir": tmp_path / "state", "log_dir": tmp_path / "log", **overrides}
+    if uri == "qemu:///system":  # published ports in a table of this test's own, removed afterwards
+        settings.setdefault("ports_table", f"hmt_{uuid.uuid4().hex[:8]}")
     config = AgentConfig(url=ctl.url, access_key="agent", secret_key="secret", libvirt_uri=uri,
                          domain_type="qemu", **settings)
     agent = Agent(config)
@@ -74,6 +77,8 @@ async def running_agent(tmp_path: Path, *, uri: str = "test:///default", **overr
         await agent.client.aclose()
         await agent.driver.close()
         await ctl.stop()
+        if uri == "qemu:///system":
+            await asyncio.to_thread(drop_table, config.ports_table)
 
 
 class AgentProcess:

@@ -1,4 +1,5 @@
-"""Shared by the tests that run nft and iptables for real (root): private names, cleanup, views.
+"""Shared by the tests that run nft and iptables for real (root): private names, cleanup, views,
+and the ways users reach a published port (this host, another host, a plain connect).
 
 Each test works in a table of its own (`hmt_<token>`) with its own FORWARD-rule comment, so runs
 side by side never see each other's rules, and the production table `herdsman` is never named.
@@ -6,12 +7,20 @@ side by side never see each other's rules, and the production table `herdsman` i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
+import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -31,8 +40,16 @@ def table() -> Iterator[TableConfig]:
     needs_root_nft()
     config = TableConfig(name=f"hmt_{uuid.uuid4().hex[:8]}")
     yield config
-    subprocess.run(["nft", "delete", "table", "ip", config.name], capture_output=True, check=False)
-    drop_forward_rules(f"{config.name}-published-ports")
+    drop_table(config.name)
+
+
+def drop_table(name: str) -> None:
+    """A test table and its FORWARD rule, whatever state a test left them in (nothing to do
+    on a host without nft: no agent could have made them)."""
+    if shutil.which("nft") is None or shutil.which("iptables") is None:
+        return
+    subprocess.run(["nft", "delete", "table", "ip", name], capture_output=True, check=False)
+    drop_forward_rules(f"{name}-published-ports")
 
 
 def drop_forward_rules(comment: str) -> None:
@@ -60,6 +77,23 @@ def ruleset_except(table: str) -> list[dict[str, Any]]:
     items = nft_json("ruleset") or []
     return [_strip_counters(i) for i in items
             if "metainfo" not in i and next(iter(i.values())).get("table", next(iter(i.values())).get("name")) != table]
+
+
+def foreign_ruleset() -> list[dict[str, Any]]:
+    """The ruleset without any herdsman table (ours, or another test run's), counters zeroed."""
+    items = nft_json("ruleset") or []
+
+    def table_of(item: dict[str, Any]) -> str:
+        body = next(iter(item.values()))
+        return body.get("table", body.get("name", ""))
+    return [_strip_counters(i) for i in items
+            if "metainfo" not in i and not (table_of(i) == "herdsman" or table_of(i).startswith("hmt_"))]
+
+
+def table_text(name: str) -> str | None:
+    """`nft list table ip NAME` (no handles: a table rewritten with the same content reads the same)."""
+    proc = subprocess.run(["nft", "list", "table", "ip", name], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def forward_chain() -> list[str]:
@@ -90,3 +124,72 @@ def published(listing: list[dict[str, Any]]) -> dict[tuple[str, str, int], tuple
         guest, guest_port = value["concat"]
         found[(address, proto, port)] = (guest, guest_port, elem.get("comment", ""))
     return found
+
+
+# -- reaching a published port the ways users do --------------------------------------------------
+@dataclass
+class Neighbour:
+    """Another host: a network namespace joined to this one by a veth pair."""
+
+    namespace: str
+    host_address: str  # this host's end, the address the neighbour connects to
+
+    def fetch(self, url: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        return subprocess.run(["ip", "netns", "exec", self.namespace, sys.executable, "-c", code, url],
+                              capture_output=True, text=True, timeout=30)
+
+
+@contextlib.contextmanager
+def neighbour() -> Iterator[Neighbour]:
+    token = uuid.uuid4().hex[:8]
+    ns, here, there = f"hmt-{token}", f"hmt{token}a", f"hmt{token}b"
+    subnet = ipaddress.IPv4Network(f"100.{random.randint(80, 120)}.{random.randint(0, 255)}.{4 * random.randint(0, 63)}/30")
+    mine, theirs = (str(a) for a in subnet.hosts())
+    try:
+        for cmd in (["ip", "netns", "add", ns],
+                    ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+                    ["ip", "link", "set", there, "netns", ns],
+                    ["ip", "addr", "add", f"{mine}/30", "dev", here],
+                    ["ip", "link", "set", here, "up"],
+                    ["ip", "-n", ns, "addr", "add", f"{theirs}/30", "dev", there],
+                    ["ip", "-n", ns, "link", "set", there, "up"],
+                    ["ip", "-n", ns, "link", "set", "lo", "up"],
+                    ["ip", "-n", ns, "route", "add", "default", "via", mine]):
+            subprocess.run(cmd, check=True, capture_output=True)
+        yield Neighbour(ns, mine)
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def host_address() -> str:
+    """This host's address on its default route (what other machines call it)."""
+    route = json.loads(subprocess.run(["ip", "-j", "route", "get", "192.0.2.123"], capture_output=True, text=True,
+                                      check=True).stdout)[0]
+    return route["prefsrc"]
+
+
+async def fetch(url: str, attempts: int = 20) -> str:
+    """GET url from this host; a few tries, the guest's httpd may still be starting."""
+    error: Exception | None = None
+    for _ in range(attempts):
+        try:
+            return await asyncio.to_thread(_get, url)
+        except OSError as exc:
+            error = exc
+            await asyncio.sleep(0.5)
+    raise AssertionError(f"{url}: {error}")
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def refused(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=3):
+            return False
+    except OSError:
+        return True

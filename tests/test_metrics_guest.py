@@ -35,7 +35,7 @@ async def test_a_running_guest_counters_move() -> None:
         assert agent.metrics is not None
         address = None
         for _ in range(120):
-            address = agent.driver.primary_address(u)
+            address = (await agent.driver.guest_network(u)).primary
             if address:
                 break
             await asyncio.sleep(0.5)

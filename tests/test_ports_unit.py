@@ -91,6 +91,17 @@ def test_a_previous_port_taken_meanwhile_is_replaced() -> None:
     assert later[0].host_port != first[0].host_port
 
 
+def test_a_port_the_vm_holds_is_kept_when_a_host_process_listens_on_it_since() -> None:
+    """Activating a VM again (Cattle re-sends events) gives the same ports; a new VM is refused."""
+    rng = PortRange(30000, 30009)
+    first = allocate(A, reqs("8080:80", "80"), others={}, host=HOST, port_range=rng)
+    listeners = tuple(Listener("tcp", "0.0.0.0", b.host_port, "nc, pid 7") for b in first)
+    view = HostView(HOST.addresses, listeners)
+    assert allocate(A, reqs("8080:80", "80"), others={}, host=view, port_range=rng, previous=first) == first
+    with pytest.raises(PortConflict, match="a host process listens on 0.0.0.0:8080/tcp"):
+        allocate(B, reqs("8080:80"), others={}, host=view, port_range=rng)
+
+
 @pytest.mark.parametrize(("texts", "others", "listeners", "message"), [
     (["8080:80"], {B: [tcp(8080)]}, (),
      f"ports.0: host port 0.0.0.0:8080/tcp is not free: it is already published by virtual machine {B}"),

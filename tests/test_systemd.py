@@ -225,6 +225,7 @@ def test_unit_settings() -> None:
         "/var/log/herdsman",
         "/var/lib/libvirt/images",
         "/run/libvirt",
+        "/proc/sys/net/ipv4/conf",  # route_localnet for ports published on 127.0.0.1
     } <= writable
     assert set(s["RestrictAddressFamilies"].split()) == {
         "AF_UNIX",

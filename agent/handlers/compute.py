@@ -6,6 +6,7 @@ from typing import Any
 
 from agent.dispatcher import HandlerError
 from agent.handlers.instance_event import instance_of, instance_uuid, labels_of, placement_of, process_data, stop_timeout
+from agent.hostinfo import primary_ip_address
 from agent.protocol.events import Event
 from agent.spec.cattle import spec_from_cattle_instance
 from drivers.base import Hypervisor, NotFound, VmRecord
@@ -16,7 +17,22 @@ def instance_reply(record: VmRecord) -> dict[str, Any]:
     fields: dict[str, Any] = {"herdsmanState": record.state, "restartRequired": record.restart_required}
     if record.primary_ip:
         fields["primaryIpAddress"] = record.primary_ip
+    fields.update(port_fields(record))
     return {"instance": {"externalId": record.external_id, "+data": {"+fields": fields}}}
+
+
+def port_fields(record: VmRecord) -> dict[str, Any]:
+    """Published ports as Cattle's docker agents reported them: `dockerPorts`
+    ('hostIp:hostPort:guestPort/proto', from which Cattle fills its ports' publicPort), with the
+    host's address (`dockerHostIp`) and the VM's (`dockerIp`, the ports' private side) when known."""
+    fields: dict[str, Any] = {"dockerPorts": list(record.published_ports)}
+    if record.published_ports:
+        host_ip = primary_ip_address()
+        if host_ip:
+            fields["dockerHostIp"] = host_ip
+        if record.primary_ip:
+            fields["dockerIp"] = record.primary_ip
+    return fields
 
 
 class ComputeHandlers:

@@ -51,8 +51,12 @@ def lookup(dom: libvirt.virDomain, sources: tuple[int, ...] = LEASES) -> str | N
 
 class AddressBook:
     def __init__(self, *, sources: tuple[int, ...] = LEASES, per_tick: int = 20, interval: float = 2.0,
-                 max_age: float = 60.0, logger: logging.Logger | None = None) -> None:
+                 max_age: float = 60.0, logger: logging.Logger | None = None,
+                 on_change: Callable[[str, str | None], None] | None = None) -> None:
+        """on_change(uuid, address): a lookup found another address than the book had; called
+        on the thread that looked it up (a libvirt worker)."""
         self.sources = sources
+        self.on_change = on_change
         self._known: dict[str, tuple[str | None, float]] = {}
         self.per_tick = per_tick
         self.interval = interval
@@ -69,7 +73,11 @@ class AddressBook:
     def refresh(self, dom: libvirt.virDomain) -> str | None:
         """Blocking (a worker thread's job): look the address up now."""
         address = lookup(dom, self.sources) if dom.isActive() else None
-        self._known[dom.UUIDString()] = (address, time.monotonic())
+        uuid = dom.UUIDString()
+        before = self.get(uuid)
+        self._known[uuid] = (address, time.monotonic())
+        if address != before and self.on_change is not None:
+            self.on_change(uuid, address)
         return address
 
     def _due(self, running: Iterable[str]) -> list[str]:

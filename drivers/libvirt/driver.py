@@ -49,7 +49,9 @@ from drivers.libvirt.host_dirs import HostDirError
 from drivers.libvirt.host_profile import HostProfile
 from drivers.libvirt.own_events import OwnEvents
 from drivers.libvirt.provision import Provisioner
+from drivers.libvirt.published_ports import PublishedPorts
 from drivers.libvirt.stream_access import StreamAccess
+from drivers.ports.publisher import PortPublisher
 
 _STOP_POLL_SECONDS = 0.2
 #: Events after which a domain we do not know yet may be ours (virsh define, a migration in).
@@ -73,7 +75,8 @@ def is_uuid(text: str) -> bool:
 
 class LibvirtDriver:
     def __init__(self, uri: str, *, policy: HostPolicy, domain_type: str = "auto",
-                 logger: logging.Logger | None = None, open_timeout: float = 30.0) -> None:
+                 logger: logging.Logger | None = None, open_timeout: float = 30.0,
+                 ports: PortPublisher | None = None) -> None:
         self.uri = uri
         self.policy = policy
         self._requested_type = domain_type
@@ -95,6 +98,7 @@ class LibvirtDriver:
         self._setup_problem: str | None = None  # refuses new VMs (and, at start-up, the start)
         self.provisioner = Provisioner(policy, logger=self._log)
         self.addresses = AddressBook(sources=LEASES, logger=self._log)
+        self.ports = PublishedPorts(ports, network=policy.network or None, logger=self._log)
         self.streams = StreamAccess(self, network=policy.network if policy.network else None, logger=self._log)
         self._address_task: asyncio.Task[None] | None = None
 
@@ -103,6 +107,7 @@ class LibvirtDriver:
         """Connect (or start retrying) and, when connected, adopt before returning."""
         self._conn.add_connection_listener(self._on_connection)
         self._conn.add_lifecycle_listener(self._on_lifecycle)
+        self.ports.start(registry=lambda: self._registry, state=self._states.get, addresses=self.addresses)
         await self._conn.start()
         if self._adoption is not None:
             await asyncio.shield(self._adoption)
@@ -119,6 +124,7 @@ class LibvirtDriver:
         if self._address_task is not None:
             self._address_task.cancel()
         self.streams.close()
+        await self.ports.close()
         for task in list(self._background):
             task.cancel()
         await self._conn.close()
@@ -153,6 +159,7 @@ class LibvirtDriver:
     async def _after_connect(self) -> None:
         try:
             await self._adopt()
+            self.ports.connected(self._conn.get())
             if not self._host_prepared:
                 await self._prepare_host()
         except (libvirt.libvirtError, DriverError, LibvirtUnavailable) as exc:
@@ -216,6 +223,7 @@ class LibvirtDriver:
             self._learning[event.uuid].append(event)
             return
         self._states.apply(event.uuid, event.event)
+        self.ports.on_lifecycle(event.uuid, event.event)
         if event.uuid not in self._registry:
             if event.event in _LEARN_ON:  # ours, made outside the agent? read its metadata first
                 self._learning[event.uuid] = [event]
@@ -400,15 +408,17 @@ class LibvirtDriver:
     async def ensure_vm(self, spec: VirtualMachine, placement: Placement, *, start: bool) -> VmRecord:
         """Define the VM if needed, then start it if asked. Safe to repeat."""
         uuid = spec.instance_uuid
-        async with self._locks[uuid]:
+        async with self._locks[uuid], self.ports.allocating(uuid):
             conn = self._connection()
             dom = await self._call(self._lookup, uuid)
             if dom is None:
                 self._refuse_new_vms()
+            bindings = await self.ports.allocate(spec, self._registry, session=self.profile.session)
             inp = RenderInput(spec=spec, profile=self.profile, policy=self.policy, macs=placement.macs,
                               kernel_boot=await self.provisioner.kernel_boot(conn, spec, placement))
             domain = build_domain(inp)
             assert domain.metadata is not None
+            domain.metadata = replace(domain.metadata, ports=bindings)
             restart_required = False
             created = None
             current = self._registry.get(uuid)
@@ -471,6 +481,7 @@ class LibvirtDriver:
                 return
             await self._stop(dom, timeout)
             await self._call(domain_ops.undefine, dom)
+            self.ports.on_lifecycle(instance_uuid, "undefined")  # its rules go, if it had any
             self._registry.pop(instance_uuid, None)
             self.addresses.forget(instance_uuid)
 

@@ -53,6 +53,7 @@ def record(dom: libvirt.virDomain, meta: AgentMetadata, state_code: int | None =
         spec_hash=meta.spec_hash,
         image=meta.spec.get("imageUuid"),
         name=meta.spec.get("name"),
+        published_ports=tuple(b.docker_port() for b in meta.ports),
     )
 
 

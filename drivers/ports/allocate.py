@@ -4,7 +4,9 @@ Refusals name the spec field (`ports.N`) and say what holds the port: another en
 VM, another VM of this host, or a host process listening on it. A port the agent chose once is
 kept on the next activate (the previous bindings come from the VM's metadata), and a new choice
 starts at a point derived from the VM's uuid, so a port freed by a purged VM is not handed
-straight to the next one.
+straight to the next one. A port the VM already holds is not checked against host listeners
+again: the VM keeps its ports while it exists, so activating it twice (Cattle re-sends events)
+gives the same answer.
 """
 
 from __future__ import annotations
@@ -112,16 +114,19 @@ def allocate(instance_uuid: str, requests: Sequence[PortRequest], *,
         return None
     mine = _Holders()
     reusable = [b for b in previous if b.auto]
+    held = {(b.protocol, b.host_ip, b.host_port) for b in previous}
     addresses = [_host_address(r, i, host) for i, r in enumerate(requests)]
     chosen: dict[int, PortBinding] = {}
 
     def taken(protocol: str, address: str, port: int) -> str | None:
-        held = mine.holder(protocol, address, port)
-        if held is not None:
-            return f"it is also {held}"
-        held = vms.holder(protocol, address, port)
-        if held is not None:
-            return f"it is already published by {held}"
+        other = mine.holder(protocol, address, port)
+        if other is not None:
+            return f"it is also {other}"
+        other = vms.holder(protocol, address, port)
+        if other is not None:
+            return f"it is already published by {other}"
+        if (protocol, address, port) in held:
+            return None  # the VM holds it already, and keeps it while it exists
         return process_holder(protocol, address, port)
 
     def give(index: int, port: int, auto: bool) -> None:

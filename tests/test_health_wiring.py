@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from agent.health import state_file
-from agent.health.wiring import forwards
+from agent.health.addresses import forwards
 from tests.agent_harness import instance_event, ping, ping_instances, running_agent, vm_instance
 from tests.test_metrics import parse, scrape
 
@@ -70,6 +70,8 @@ async def test_health_state_in_replies_pings_metrics_file_and_reports(tmp_path: 
         assert event == {"healthcheckUuid": f"{agent.host_uuid}_{uuid}_3", "reportedHealth": "DOWN",
                          "externalTimestamp": event["externalTimestamp"]}
         assert ping_instances(await ping(ctl))[uuid]["healthState"] == "unhealthy"
+        # a VM without an address is looked up again less and less often, not every pass
+        await eventually(lambda: agent.health.addresses._retry.get(uuid, (0, 0))[1] >= 2 * agent.health.address_every)
         metrics = parse((await scrape(agent.metrics.port))[2].decode())
         assert metrics["herdsman_vm_health"] == [({"uuid": uuid, "health": "unhealthy"}, 1.0)]
 

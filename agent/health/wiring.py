@@ -20,9 +20,7 @@ decides). The restart policy calls `vm_restarted` after it started a VM again.
 Where the state goes: `healthState` in the ping's instance records and in the activate,
 restart and inspect replies; `health_of` for the metrics; `<state dir>/health.json` for
 `herdsman ls` (agent/health/state_file.py); and the reporter's `POST /serviceevents`.
-The probe address is the VM's address on the managed network (its lease, from
-`driver.guest_network`), or, under qemu:///session, 127.0.0.1 and the port qemu forwards to
-the check's port (the VM's `dockerPorts`).
+Probe addresses: agent/health/addresses.py.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from pydantic import ValidationError
 
 from agent.dispatcher import Route
 from agent.health import state_file
+from agent.health.addresses import PER_PASS, ProbeAddresses
 from agent.health.monitor import HealthChange, HealthMonitor
 from agent.health.reporter import HealthReporter, Post
 from agent.protocol.events import Event
@@ -51,7 +50,6 @@ from drivers.base import DriverError, HostEvent
 
 RECONCILE_EVERY = 10.0
 ADDRESS_EVERY = 2.0
-_ADDRESS_LOOKUPS = 16  # per pass, and at once while adopting
 _FLUSH_DELAY = 0.5
 
 Handler = Callable[[Event], Awaitable[dict[str, Any]]]
@@ -70,20 +68,6 @@ def event_uuid(event: Event) -> str | None:
     return uuid if isinstance(uuid, str) and uuid else None
 
 
-def forwards(docker_ports: Any) -> dict[int, tuple[str, int]]:
-    """Guest port → (host address, host port) from 'hostIp:hostPort:guestPort/tcp' entries."""
-    found: dict[int, tuple[str, int]] = {}
-    for entry in docker_ports or ():
-        try:
-            address, proto = str(entry).rsplit("/", 1)
-            host_ip, host_port, guest_port = address.rsplit(":", 2)
-            if proto == "tcp":
-                found.setdefault(int(guest_port), ("127.0.0.1" if host_ip in ("", "0.0.0.0") else host_ip, int(host_port)))
-        except ValueError:
-            continue
-    return found
-
-
 class HealthSupervisor:
     def __init__(self, driver: Any, *, host_uuid: str, state_dir: Path, logger: logging.Logger | None = None,
                  reconcile_every: float = RECONCILE_EVERY, address_every: float = ADDRESS_EVERY) -> None:
@@ -95,11 +79,9 @@ class HealthSupervisor:
         self._log = logger or logging.getLogger("herdsman.health")
         self.monitor: HealthMonitor | None = None
         self.reporter: HealthReporter | None = None
-        self._session = False
+        self.addresses = ProbeAddresses(driver, session=False, first_retry=address_every, logger=self._log)
         self._start_counts: dict[str, int] = {}  # every watched VM's, for its reports
         self._saved: dict[str, state_file.VmHealth] = {}  # what the last daemon wrote
-        self._addresses: dict[str, str] = {}
-        self._forwards: dict[str, dict[int, tuple[str, int]]] = {}
         self._busy: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flush: asyncio.TimerHandle | None = None
@@ -110,9 +92,9 @@ class HealthSupervisor:
         """After the driver adopted its VMs: the monitor, the reporter (when `post` is given),
         and every VM running now."""
         profile = getattr(self.driver, "profile_or_none", None)
-        self._session = bool(profile is not None and profile.session)
+        self.addresses.session = bool(profile is not None and profile.session)
         self._saved = await asyncio.to_thread(state_file.read, self.path, fresh_only=False)
-        self.monitor = HealthMonitor(self._address_of, listeners=[self], logger=self._log)
+        self.monitor = HealthMonitor(self.addresses, listeners=[self], logger=self._log)
         if post is not None:
             self.reporter = HealthReporter(post, self.host_uuid, logger=self._log)
             self.monitor.add_listener(self.reporter)
@@ -193,7 +175,7 @@ class HealthSupervisor:
             spec = self._event_spec(event)
             check = spec.get("check")
             if fields.get("herdsmanState") == "running" and check is not None:
-                self._learn_reply(uuid, fields)
+                self.addresses.learn(uuid, fields.get("primaryIpAddress"), fields.get("dockerPorts"))
                 self._watch(uuid, check, spec.get("start_count", self._start_count(uuid)))
             else:
                 self._unwatch(uuid)
@@ -211,7 +193,7 @@ class HealthSupervisor:
             check = spec.get("check") or self._stored_check(uuid)
             fields = reply.get("instance", {}).get("+data", {}).get("+fields")
             if check is not None and isinstance(fields, dict) and fields.get("herdsmanState") == "running":
-                self._learn_reply(uuid, fields)
+                self.addresses.learn(uuid, fields.get("primaryIpAddress"), fields.get("dockerPorts"))
                 self._watch(uuid, check, spec.get("start_count", self._start_count(uuid)))  # a restart
                 self._add_state(uuid, fields)
             return reply
@@ -269,8 +251,7 @@ class HealthSupervisor:
             listed.add(uuid)
             if self._busy[uuid]:
                 continue
-            if vm.primary_ip:
-                self._addresses[uuid] = vm.primary_ip
+            self.addresses.learn(uuid, vm.primary_ip)
             if vm.state == "running" and monitor.health(uuid) is None:
                 check = self._stored_check(uuid)
                 if check is not None:
@@ -280,11 +261,11 @@ class HealthSupervisor:
                 self._changed()
         for uuid in [u for u in self._start_counts if u not in listed and not self._busy[u]]:
             self._unwatch(uuid)
-        lookups = asyncio.Semaphore(_ADDRESS_LOOKUPS)
+        lookups = asyncio.Semaphore(PER_PASS)
 
         async def adopt_one(uuid: str, check: InstanceHealthCheck) -> None:
             async with lookups:
-                await self._lookup_address(uuid)
+                await self.addresses.look_up(uuid)
             if not self._busy[uuid] and monitor.health(uuid) is None:
                 paused = monitor.watching(uuid)
                 self._watch(uuid, check, self._start_count(uuid), resumed=not paused)
@@ -299,16 +280,12 @@ class HealthSupervisor:
                 self._log.exception("health reconciliation failed")
 
     async def _address_loop(self) -> None:
-        """Addresses of watched VMs that have none yet (a guest gets its lease seconds after it
-        starts), a few per pass; reconciliation keeps the known ones current."""
+        """Addresses of watched VMs that have none yet; reconciliation keeps the others current."""
         while True:
             await asyncio.sleep(self.address_every)
-            if self.monitor is None:
-                continue
-            missing = [uuid for uuid in self._start_counts
-                       if self.monitor.health(uuid) is not None and not self._has_address(uuid)]
-            for uuid in missing[:_ADDRESS_LOOKUPS]:
-                await self._lookup_address(uuid)
+            if self.monitor is not None:
+                monitor = self.monitor
+                await self.addresses.look_up_missing([u for u in self._start_counts if monitor.health(u) is not None])
 
     # -- watches ---------------------------------------------------------------------------
 
@@ -316,8 +293,8 @@ class HealthSupervisor:
         assert self.monitor is not None
         self._start_counts[uuid] = start_count
         self.monitor.watch(uuid, check, start_count, resumed=resumed)
-        if not self._has_address(uuid):
-            self._spawn(self._lookup_address(uuid))
+        if not self.addresses.known(uuid):
+            self._spawn(self.addresses.look_up(uuid))
         self._changed()
 
     def _unwatch(self, uuid: str) -> None:
@@ -326,8 +303,7 @@ class HealthSupervisor:
             self._changed()
         self._start_counts.pop(uuid, None)
         self._saved.pop(uuid, None)
-        self._addresses.pop(uuid, None)
-        self._forwards.pop(uuid, None)
+        self.addresses.forget(uuid)
 
     def _start_count(self, uuid: str) -> int:
         """The start count the VM's reports carry: the controller's last one (kept in
@@ -371,35 +347,6 @@ class HealthSupervisor:
             self._busy[uuid] -= 1
             if not self._busy[uuid]:
                 del self._busy[uuid]
-
-    # -- addresses --------------------------------------------------------------------------
-
-    def _address_of(self, uuid: str, port: int) -> tuple[str, int] | None:
-        if self._session:
-            return self._forwards.get(uuid, {}).get(port)
-        address = self._addresses.get(uuid)
-        return None if address is None else (address, port)
-
-    def _has_address(self, uuid: str) -> bool:
-        return uuid in (self._forwards if self._session else self._addresses)
-
-    def _learn_reply(self, uuid: str, fields: dict[str, Any]) -> None:
-        if self._session:
-            self._forwards[uuid] = forwards(fields.get("dockerPorts"))
-        elif isinstance(fields.get("primaryIpAddress"), str):
-            self._addresses[uuid] = fields["primaryIpAddress"]
-
-    async def _lookup_address(self, uuid: str) -> None:
-        try:
-            if self._session:
-                record = await self.driver.get_vm(uuid)
-                self._forwards[uuid] = forwards(record.published_ports)
-            else:
-                primary = (await self.driver.guest_network(uuid)).primary
-                if primary:
-                    self._addresses[uuid] = primary
-        except DriverError as exc:
-            self._log.debug("health: no address yet", extra={"instanceUuid": uuid, "error": str(exc)})
 
     # -- HealthListener: health.json --------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Health checks wired into the agent, on libvirt's test driver (fast; the probes themselves run
 against the real guest in tests/test_health_guest.py).
 
-A test-driver VM has no address, so its probes never pass: it is `initializing`, then
+A test-driver VM's made-up address answers nothing, so its probes never pass: it is `initializing`, then
 `unhealthy` once its initializingTimeout passes. That is enough to see every place the state
 goes: the activate, restart and inspect replies, the ping's instance records, the metrics,
 `<state dir>/health.json` (what `herdsman ls` shows) and the serviceevents the controller gets.
@@ -19,13 +19,15 @@ from typing import Any
 import pytest
 
 from agent.health import state_file
-from agent.health.addresses import forwards
+from agent.health.addresses import ProbeAddresses, forwards
 from tests.agent_harness import instance_event, ping, ping_instances, running_agent, vm_instance
 from tests.test_metrics import parse, scrape
 
 pytestmark = pytest.mark.timeout(120)
 
-CHECK = {"port": 80, "interval": 200, "responseTimeout": 100, "initializingTimeout": 1500,
+#: port 1: the test driver makes up addresses on 192.168.122.0/24, where real test guests run
+#: httpd on 80; nothing listens on 1
+CHECK = {"port": 1, "interval": 200, "responseTimeout": 100, "initializingTimeout": 1500,
          "healthyThreshold": 2, "unhealthyThreshold": 3}
 
 
@@ -65,13 +67,11 @@ async def test_health_state_in_replies_pings_metrics_file_and_reports(tmp_path: 
         assert (await inspect(ctl, uuid))["healthState"] == "initializing"
         assert "healthState" not in await inspect(ctl, plain["uuid"])
 
-        # no address, no passing probe: unhealthy once initializingTimeout passed, reported DOWN
+        # no passing probe: unhealthy once initializingTimeout passed, reported DOWN
         event = await eventually(lambda: next(iter(ctl.service_events), None), timeout=15)
         assert event == {"healthcheckUuid": f"{agent.host_uuid}_{uuid}_3", "reportedHealth": "DOWN",
                          "externalTimestamp": event["externalTimestamp"]}
         assert ping_instances(await ping(ctl))[uuid]["healthState"] == "unhealthy"
-        # a VM without an address is looked up again less and less often, not every pass
-        await eventually(lambda: agent.health.addresses._retry.get(uuid, (0, 0))[1] >= 2 * agent.health.address_every)
         metrics = parse((await scrape(agent.metrics.port))[2].decode())
         assert metrics["herdsman_vm_health"] == [({"uuid": uuid, "health": "unhealthy"}, 1.0)]
 
@@ -151,3 +151,18 @@ def _dead_pid() -> int:
 def test_forwarded_ports_of_the_session_mode() -> None:
     assert forwards(["127.0.0.1:8080:80/tcp", "0.0.0.0:2222:22/tcp", "127.0.0.1:5353:53/udp", "junk"]) == {
         80: ("127.0.0.1", 8080), 22: ("127.0.0.1", 2222)}
+
+
+async def test_a_vm_without_an_address_is_looked_up_less_and_less_often(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as (_ctl, agent):
+        addresses = ProbeAddresses(agent.driver, session=False, first_retry=0.2)
+        absent = "2b0c1b6e-52f4-4a5e-9d53-5c1d5a1d0c11"  # not on this host: no address, ever
+        delays = []
+        for _ in range(5):
+            await addresses.look_up_missing([absent])
+            delays.append(addresses._retry[absent][1])
+            await addresses.look_up_missing([absent])  # at once again: not due, not looked up
+            assert addresses._retry[absent][1] == delays[-1]
+            await asyncio.sleep(delays[-1])
+        assert delays == [0.2, 0.4, 0.8, 1.6, 3.2]
+        assert addresses(absent, 80) is None

@@ -242,3 +242,26 @@ async def test_ping_and_herdsman_ls_show_the_health_state(host: Host) -> None:
     web, closed = rows[host.web["uuid"]], rows[host.closed["uuid"]]
     assert (web["NAME"], web["STATE"], web["HEALTH"]) == ("web", "running", "healthy")
     assert (closed["NAME"], closed["HEALTH"]) == ("closed", "unhealthy")
+
+
+async def test_a_killed_agent_adopts_the_checks_with_their_start_counts(host: Host) -> None:
+    """SIGKILL, start again: the VMs are adopted (none restarted), probed again, and their
+    reports keep the start counts the controller gave (the agent kept them in health.json)."""
+    web_before, closed_before = len(reports(host.ctl, host.web)), len(reports(host.ctl, host.closed))
+    conn = system_connection()
+    ids = [conn.lookupByUUIDString(i["uuid"]).ID() for i in (host.web, host.closed)]
+    host.agent.kill(signal.SIGKILL)
+    host.agent.start()
+    await host.ctl.wait_subscribed(timeout=60, count=2)
+    # adopted VMs start from initializing: passes make web healthy, failures closed unhealthy
+    _, web = await next_report(host.ctl, host.web, web_before, timeout=60)
+    assert web == {"healthcheckUuid": f"{host.host_uuid}_{host.web['uuid']}_1", "reportedHealth": "UP",
+                   "externalTimestamp": web["externalTimestamp"]}
+    _, closed = await next_report(host.ctl, host.closed, closed_before, timeout=60)
+    assert closed == {"healthcheckUuid": f"{host.host_uuid}_{host.closed['uuid']}_5", "reportedHealth": "DOWN",
+                      "externalTimestamp": closed["externalTimestamp"]}
+    records = ping_instances(await ping(host.ctl))
+    assert (records[host.web["uuid"]]["healthState"], records[host.closed["uuid"]]["healthState"]) == ("healthy", "unhealthy")
+    assert "adopted managed domains" in host.agent.output()
+    assert [conn.lookupByUUIDString(i["uuid"]).ID() for i in (host.web, host.closed)] == ids  # the same qemus
+    conn.close()

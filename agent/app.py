@@ -226,7 +226,7 @@ class Agent:
             raise SystemExit(f"herdsman run: {exc}") from None
         log.info("agent starting", extra={"hostUuid": self.host_uuid, "libvirt": self.config.libvirt_uri,
                                           **self.driver.host_facts()})
-        await self.health.start(client_post(self.client, basic_auth(*self.config.health_keys)))
+        self.health.start(client_post(self.client, basic_auth(*self.config.health_keys)))
         await self._start_streams()
         await self._start_metrics()
         tasks = [

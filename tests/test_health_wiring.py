@@ -107,6 +107,7 @@ async def test_a_restarted_agent_adopts_the_vm_with_its_start_count(tmp_path: Pa
         await instance_event(ctl, "activate", checked)
         await eventually(lambda: checked["uuid"] in state_file.read(tmp_path / "state" / "health.json"))
     async with running_agent(tmp_path) as (ctl, agent):
+        await eventually(lambda: agent.health.health_of(checked["uuid"]))  # adopted in the background
         assert ping_instances(await ping(ctl))[checked["uuid"]]["healthState"] == "initializing"
         assert agent.health._start_count(checked["uuid"]) == 7
         await instance_event(ctl, "purge", checked)

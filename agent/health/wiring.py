@@ -79,7 +79,9 @@ class HealthSupervisor:
         self._log = logger or logging.getLogger("herdsman.health")
         self.monitor: HealthMonitor | None = None
         self.reporter: HealthReporter | None = None
-        self.addresses = ProbeAddresses(driver, session=False, first_retry=address_every, logger=self._log)
+        # qemu:///session: user-mode networking, probed through qemu's forwarded ports
+        session = str(getattr(driver, "uri", "")).endswith("/session")
+        self.addresses = ProbeAddresses(driver, session=session, first_retry=address_every, logger=self._log)
         self._start_counts: dict[str, int] = {}  # every watched VM's, for its reports
         self._saved: dict[str, state_file.VmHealth] = {}  # what the last daemon wrote
         self._busy: Counter[str] = Counter()
@@ -88,21 +90,19 @@ class HealthSupervisor:
 
     # -- life -------------------------------------------------------------------------------
 
-    async def start(self, post: Post | None) -> None:
+    def start(self, post: Post | None) -> None:
         """After the driver adopted its VMs: the monitor, the reporter (when `post` is given),
-        and every VM running now."""
-        profile = getattr(self.driver, "profile_or_none", None)
-        self.addresses.session = bool(profile is not None and profile.session)
-        self._saved = await asyncio.to_thread(state_file.read, self.path, fresh_only=False)
+        and (in the background) every VM running now."""
+        self._saved = state_file.read(self.path, fresh_only=False)  # one small file, once
         self.monitor = HealthMonitor(self.addresses, listeners=[self], logger=self._log)
         if post is not None:
             self.reporter = HealthReporter(post, self.host_uuid, logger=self._log)
             self.monitor.add_listener(self.reporter)
         self.driver.add_event_listener(self._on_host_event)
         self.driver.add_availability_listener(self._on_availability)
-        await self.reconcile()
-        self._flush_now()
-        for loop in (self._reconcile_loop(), self._address_loop(), self._heartbeat()):
+        # in the background: adopting looks each VM's address up (a libvirt call each), and
+        # the agent must subscribe and feed the watchdog meanwhile, even with libvirtd hung
+        for loop in (self._adopt(), self._reconcile_loop(), self._address_loop(), self._heartbeat()):
             self._spawn(loop)
 
     async def close(self) -> None:
@@ -270,6 +270,10 @@ class HealthSupervisor:
                 paused = monitor.watching(uuid)
                 self._watch(uuid, check, self._start_count(uuid), resumed=not paused)
         await asyncio.gather(*(adopt_one(uuid, check) for uuid, check in adopt))
+
+    async def _adopt(self) -> None:
+        await self.reconcile()
+        self._flush_now()
 
     async def _reconcile_loop(self) -> None:
         while True:

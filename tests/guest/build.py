@@ -104,8 +104,8 @@ def ensure_guest(cache_dir: Path | str | None = None, *, rebuild: bool = False) 
     target = root / key
     if not rebuild and (image := _load(target)) is not None:
         return image
-    _make_dirs(root)
-    with _locked(root / ".lock"):
+    make_dirs(root)
+    with locked(root / ".lock"):
         if not rebuild and (image := _load(target)) is not None:
             return image  # another process built it while we waited
         for stale in root.glob(".build-*"):
@@ -114,7 +114,7 @@ def ensure_guest(cache_dir: Path | str | None = None, *, rebuild: bool = False) 
         work.mkdir(mode=0o755)
         try:
             debdir = root / "debs"
-            _make_dirs(debdir)
+            make_dirs(debdir)
             files = debs.download(packages, debdir)
             debs.prune(debdir, packages)
             out = work / "out"
@@ -239,7 +239,7 @@ def _prune(root: Path, keep: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _make_dirs(path: Path) -> None:
+def make_dirs(path: Path) -> None:
     """mkdir -p with 0755 for the folders we create, whatever the umask."""
     missing: list[Path] = []
     p = path
@@ -268,7 +268,7 @@ def _warn_if_hidden(directory: Path) -> None:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from agent.health import state_file
@@ -167,3 +168,33 @@ async def test_a_vm_without_an_address_is_looked_up_less_and_less_often(tmp_path
             await asyncio.sleep(delays[-1])
         assert delays == [0.2, 0.4, 0.8, 1.6, 3.2]
         assert addresses(absent, 80) is None
+
+
+async def test_a_vm_stopping_on_its_own_pauses_its_check_and_a_restart_resumes_it(tmp_path: Path) -> None:
+    """Stopped outside the agent: no state, no reports; started again (by hand, or by the
+    restart policy through `vm_restarted`): watched again, as a restart."""
+    conn = libvirt.open("test:///default")  # the same in-process state the agent's driver sees
+    try:
+        async with running_agent(tmp_path) as (ctl, agent):
+            inst = vm_instance("outside", healthCheck={**CHECK, "initializingTimeout": 60000}, startCount=2)
+            uuid = inst["uuid"]
+            await instance_event(ctl, "activate", inst)
+            dom = conn.lookupByUUIDString(uuid)
+            dom.destroy()  # someone used virsh, or qemu died
+            await eventually(lambda: agent.health.health_of(uuid) is None)
+            assert "healthState" not in ping_instances(await ping(ctl))[uuid]
+            assert agent.health.monitor.watching(uuid)  # the state is kept for the restart
+            await agent.driver.start_vm(uuid)  # as the restart policy starts it (no host event)...
+            agent.health.vm_restarted(uuid)  # ...and then tells health
+            assert agent.health.health_of(uuid) == "initializing"
+            agent.health.vm_restarted(uuid)  # twice (a host event saw it too): nothing more
+            assert agent.health.health_of(uuid) == "initializing"
+            dom.destroy()
+            await eventually(lambda: agent.health.health_of(uuid) is None)
+            dom.create()  # started by hand: the host event resumes it
+            await eventually(lambda: agent.health.health_of(uuid) == "initializing")
+            assert agent.health._start_count(uuid) == 2
+            await instance_event(ctl, "purge", inst)
+            assert not agent.health.monitor.watching(uuid)
+    finally:
+        conn.close()

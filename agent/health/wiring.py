@@ -274,6 +274,8 @@ class HealthSupervisor:
     async def _adopt(self) -> None:
         await self.reconcile()
         self._flush_now()
+        if self._start_counts:
+            self._log.info("health checks adopted", extra={"count": len(self._start_counts)})
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -239,7 +239,7 @@ class LibvirtDriver:
             return
         own = event.event != "undefined" and self._own.consume(event.uuid, event.status)
         if not own:  # the policy's record tells a stop the controller asked for (lock held or not)
-            self.restarts.on_stopped(event.uuid, event.cause, event.timestamp)
+            self.restarts.on_event(event)
         if own or (event.event != "undefined" and self._locks[event.uuid].locked()):
             return  # the agent's own operation: its reply reports the state (container events are for changes on the host)
         host_event = HostEvent(instance_uuid=event.uuid, external_id=event.uuid, status=event.status,

@@ -8,7 +8,7 @@ lock, so a runner step that read the record earlier loses its compare-and-set. A
 action also cancels a restart still waiting, once it holds the lock (the runner is then
 sleeping or waiting for that lock, never half-way through a libvirt call).
 
-Events reach the runner from the driver's lifecycle handler (`stopped`), and, after each
+Events reach the runner from the driver's lifecycle handler (`on_event`), and, after each
 connection to libvirt, every VM found does (`adopt`), a shut-off one with the cause its state
 reason gives: a restart an agent killed during the backoff left pending is done then, once.
 """
@@ -28,7 +28,7 @@ from agent.restarts.runner import RestartFacts
 from agent.spec.policies import RestartPolicy
 from drivers.base import StopCause
 from drivers.libvirt.domxml.model import AgentMetadata
-from drivers.libvirt.events import shutoff_cause
+from drivers.libvirt.events import LifecycleEvent, shutoff_cause
 from drivers.libvirt.own_events import OwnEvents
 from drivers.libvirt.restart_store import read_record, write_record
 
@@ -174,10 +174,13 @@ class RestartOps:
             return started
 
     # hooks the driver calls ---------------------------------------------------------------------
-    def on_stopped(self, instance_uuid: str, cause: StopCause | None, at: float) -> None:
-        """A stop or die event the agent did not cause."""
-        if cause is not None and self.runner is not None:
-            self.runner.stopped(instance_uuid, cause, at)
+    def on_event(self, event: LifecycleEvent) -> None:
+        """A lifecycle event of one of our VMs that the agent did not cause. Only `stopped`
+        goes on: the domain is shut off then. A guest's power-off says `shutdown` first, while
+        qemu still runs (the runner would find it running and do nothing), and a panic says
+        `crashed` first (on_crash destroy: `stopped/crashed` follows)."""
+        if event.event == "stopped" and event.cause is not None and self.runner is not None:
+            self.runner.stopped(event.uuid, event.cause, event.timestamp)
 
     async def adopt(self, conn: libvirt.virConnect) -> None:
         """After each connection to libvirt: every VM of ours to the runner."""

@@ -143,3 +143,42 @@ async def test_an_agent_back_from_the_dead_finishes_a_pending_restart_once(tmp_p
         assert not dom.isActive() and read_record(dom).restart_count == 2  # type: ignore[union-attr]
         assert events_of(ctl, uuid) == ["start", "die", "start", "die"]
         await instance_event(ctl, "purge", inst)
+
+
+async def test_a_new_spec_for_a_running_vm_keeps_its_count_in_the_persistent_definition(tmp_path, test_conn) -> None:
+    async with running_agent(tmp_path) as (ctl, agent):
+        inst = vm_instance("policy-respec", restartPolicy={"name": "on-failure", "maximumRetryCount": 5})
+        uuid = inst["uuid"]
+        await instance_event(ctl, "activate", inst)
+        dom = test_conn.lookupByUUIDString(uuid)
+        dom.destroy()
+        await until(lambda: events_of(ctl, uuid) == ["die", "start"])
+        inst["data"]["fields"]["labels"] = {"changed": "yes"}
+        inst["memoryMb"] = 48  # a new domain definition: its metadata is written anew
+        reply = await instance_event(ctl, "activate", inst)
+        assert reply["data"]["instanceHostMap"]["instance"]["+data"]["+fields"].get("restartRequired") in (True, None)
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        stored = test_conn.lookupByUUIDString(uuid).metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                                             "https://herdsman.dev/xmlns/restart/1", config)
+        assert '"restartCount":1' in stored  # not lost, not reset: the VM kept running
+        dom.destroy()
+        await until(lambda: events_of(ctl, uuid) == ["die", "start", "die", "start"])
+        assert read_record(dom).restart_count == 2  # type: ignore[union-attr]
+        await instance_event(ctl, "purge", inst)
+
+
+def test_restart_notices_send_the_event_then_tell_every_listener_even_after_one_fails() -> None:
+    from agent.restarts.notices import RestartNotices
+
+    sent: list[dict[str, Any]] = []
+    heard: list[str] = []
+    notices = RestartNotices(sent.append, "host-1", clock=lambda: 1767225600.7)
+
+    def broken(_: str) -> None:
+        raise RuntimeError("a listener's bug")
+
+    notices.listeners.extend([broken, heard.append])
+    notices("vm-1")
+    assert sent == [{"externalId": "vm-1", "externalStatus": "start", "externalTimestamp": 1767225600,
+                     "reportedHostUuid": "host-1"}]
+    assert heard == ["vm-1"]

@@ -182,3 +182,31 @@ def test_restart_notices_send_the_event_then_tell_every_listener_even_after_one_
     assert sent == [{"externalId": "vm-1", "externalStatus": "start", "externalTimestamp": 1767225600,
                      "reportedHostUuid": "host-1"}]
     assert heard == ["vm-1"]
+
+
+def test_adoption_hands_the_runner_only_the_vms_it_may_act_on() -> None:
+    from drivers.libvirt.restart_ops import adoption_causes
+    from tests.restart_target import LibvirtTestTarget
+
+    target = LibvirtTestTarget()
+    try:
+        always, no = {"name": "always"}, {"name": "no"}
+        pending = RestartRecord(1, 0.1, time.time(), pending=True)
+        vms = {
+            "running, pending": target.create(always, pending),
+            "running": target.create(always),
+            "killed": target.create(always),
+            "killed, policy no": target.create(no),
+            "killed, pending, policy no": target.create(no, pending),
+            "stopped by the controller": target.create(always, RestartRecord.stopped()),
+            "no record (an older agent's)": target.create(always, None),
+        }
+        for name, uuid in vms.items():
+            if name != "running" and not name.startswith("running,"):
+                target.kill(uuid)
+        policies = {uuid: "no" if "policy no" in name else "always" for name, uuid in vms.items()}
+        causes = adoption_causes(target.conn, policies)
+        assert {name: causes[uuid] for name, uuid in vms.items() if uuid in causes} == {
+            "running, pending": None, "killed": "killed", "killed, pending, policy no": "killed"}
+    finally:
+        target.close()

@@ -119,15 +119,27 @@ def mark_defined(dom: libvirt.virDomain) -> None:
     write_record(dom, stored if stored is not None else RestartRecord.started_by_controller())
 
 
-def shutoff_causes(conn: libvirt.virConnect, uuids: Iterable[str]) -> dict[str, StopCause | None]:
-    """uuid → the cause of a shut-off domain (from its state reason), None for one that runs."""
+def adoption_causes(conn: libvirt.virConnect, policies: dict[str, str]) -> dict[str, StopCause | None]:
+    """Which VMs (uuid → policy name) the runner must see after a (re)connection, with the
+    cause of the stop of a shut-off one (libvirt's state reason; None for one that runs): a
+    running VM whose record still says pending (the agent was killed between the start and
+    writing it down), and a shut-off one the policy may restart. VMs the controller stopped,
+    VMs with policy `no` and VMs without a record are left out, not logged again each start."""
     causes: dict[str, StopCause | None] = {}
-    for uuid in uuids:
+    for uuid, policy in policies.items():
         try:
-            state, reason = conn.lookupByUUIDString(uuid).state()
+            dom = conn.lookupByUUIDString(uuid)
+            state, reason = dom.state()
+            record = _stored(dom)
         except libvirt.libvirtError:
             continue  # undefined while we looked
-        causes[uuid] = shutoff_cause(reason) if state == libvirt.VIR_DOMAIN_SHUTOFF else None
+        if record is None or record.stopped_by_controller:
+            continue
+        if state != libvirt.VIR_DOMAIN_SHUTOFF:
+            if record.pending:
+                causes[uuid] = None
+        elif record.pending or policy != "no":
+            causes[uuid] = shutoff_cause(reason)
     return causes
 
 
@@ -186,8 +198,10 @@ class RestartOps:
         """After each connection to libvirt: every VM of ours to the runner."""
         if self.runner is None:
             return
+        policies = {uuid: (policy.name if (policy := policy_of(meta)) else "no")
+                    for uuid, meta in self._registry().items()}
         try:
-            causes = await self._call(shutoff_causes, conn, list(self._registry()))
+            causes = await self._call(adoption_causes, conn, policies)
         except Exception as exc:  # libvirt went away again: the next connection adopts again
             self._log.warning("restart policy: VMs not adopted", extra={"error": str(exc)})
             return

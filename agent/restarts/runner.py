@@ -128,7 +128,9 @@ class RestartRunner:
                     return
                 decision = decide(facts.policy, record, cause, at)
                 if not decision.restart:
-                    level = logging.WARNING if "maximumRetryCount" in decision.reason else logging.INFO
+                    level = (logging.WARNING if "maximumRetryCount" in decision.reason
+                             else logging.DEBUG if record.stopped_by_controller  # the usual: its own stop
+                             else logging.INFO)
                     self._log.log(level, "not restarting a stopped VM", extra={
                         "instanceUuid": uuid, "cause": cause, "reason": decision.reason,
                         "restartCount": record.restart_count})

@@ -224,8 +224,6 @@ EFFECTS = [
     Effect("logConfig.driver", "03-kernel-command", "count(//serial/log)", 0.0),
     Effect("logConfig.driver", "09-security-restart", "string(//serial/log/@file)", lambda c: f"/var/log/herdsman/console/{_uuid(c)}.log"),
     Effect("logConfig.driver", "05-network-none", "string(//serial/log/@file)", lambda c: f"/var/log/herdsman/console/{_uuid(c)}.log"),
-    Effect("restartPolicy.name", "09-security-restart", "string(/domain/on_crash)", "destroy"),
-    Effect("restartPolicy.name", "05-network-none", "string(/domain/on_crash)", "destroy"),
     Effect("securityOpt", "09-security-restart", "string(/domain/seclabel/@type)", "none"),
 ]
 

@@ -18,6 +18,8 @@ from agent.health.reporter import client_post
 from agent.health.wiring import HealthSupervisor
 from agent.metrics import AgentMetrics, MetricsServer, Scraper
 from agent.protocol.client import ControllerClient, basic_auth
+from agent.restarts.notices import RestartNotices
+from agent.restarts.runner import RestartRunner
 from agent.streams.actions import BaseUrl, StreamActions, default_stream_url
 from agent.streams.auth import TokenVerifier, read_public_key
 from agent.streams.console import ConsoleHandler
@@ -111,6 +113,13 @@ class Agent:
         make_dir(config.state_dir)  # missing parents too, traversable for qemu whatever the umask
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
+        # The restart policy: the driver reports stops and adoptions to the runner. Connect a
+        # listener of "VM restarted by the policy" with vm_restarted_listeners.append(fn(uuid)).
+        self.restart_notices = RestartNotices(self._send_container_event, self.host_uuid)
+        self.vm_restarted_listeners = self.restart_notices.listeners
+        self.restarts = RestartRunner(self.driver.restarts, on_restarted=self.restart_notices,
+                                      logger=logging.getLogger("herdsman.restarts"))
+        self.driver.restarts.runner = self.restarts
         self.stream_verifier = TokenVerifier(self.host_uuid, local_secret=secret(config, "streams"))
         self.streams = StreamServer(config.stream_listen, self.stream_verifier, build_stream_routes(self.driver, config),
                                     ssl_context=stream_ssl_context(config), instance_check=self._stream_instance,
@@ -118,6 +127,7 @@ class Agent:
         self._stream_url: str | None = None
         self.own_metrics = AgentMetrics()
         self.health = HealthSupervisor(self.driver, host_uuid=self.host_uuid, state_dir=config.state_dir)
+        self.vm_restarted_listeners.append(self.health.vm_restarted)  # healthy → reinitializing
         routes = build_routes(self.driver, config, self.host_uuid, self._publish, self.stream_url)
         self.dispatcher = Dispatcher(self.health.wrap(routes),
                                      self._publish, concurrency=config.concurrency, on_outcome=self.own_metrics.event_handled)
@@ -190,6 +200,9 @@ class Agent:
             "reportedHostUuid": self.host_uuid,
         }
         log.info("host event", extra=body)
+        self._send_container_event(body)
+
+    def _send_container_event(self, body: dict[str, Any]) -> None:
         task = asyncio.ensure_future(self._post_container_event(body))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -245,11 +258,13 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.restarts.close()  # a restart still waiting stays pending in its record
             await self.client.aclose()
             await self.driver.close()
         finally:
             for task in tasks:
                 task.cancel()
+            await self.restarts.close()
             await self.health.close()
             await self.streams.close()
             if self.metrics is not None:

@@ -49,6 +49,7 @@ from drivers.libvirt.host_dirs import HostDirError
 from drivers.libvirt.host_profile import HostProfile
 from drivers.libvirt.own_events import OwnEvents
 from drivers.libvirt.provision import Provisioner
+from drivers.libvirt.restart_ops import RestartOps
 from drivers.libvirt.published_ports import PublishedPorts
 from drivers.libvirt.stream_access import StreamAccess
 from drivers.ports.publisher import PortPublisher
@@ -101,6 +102,8 @@ class LibvirtDriver:
         self.ports = PublishedPorts(ports, network=policy.network or None, logger=self._log)
         self.streams = StreamAccess(self, network=policy.network if policy.network else None, logger=self._log)
         self._address_task: asyncio.Task[None] | None = None
+        self.restarts = RestartOps(locks=self._locks, call=self._call, lookup=self._lookup,
+                                   registry=lambda: self._registry, own=self._own, logger=self._log)
 
     # -- connection and adoption -----------------------------------------------------------
     async def start(self) -> None:
@@ -184,6 +187,7 @@ class LibvirtDriver:
         self._registry = await threads.call(inventory.adopt_all, conn)
         await self._read_states()
         self._adopted.set()
+        self._spawn(self.restarts.adopt(conn))  # in the background: pending restarts, VMs found shut off
         self._log.info(
             "adopted managed domains",
             extra={"count": len(self._registry), "seconds": round(time.monotonic() - started, 3)},
@@ -233,10 +237,13 @@ class LibvirtDriver:
             self._registry.pop(event.uuid, None)
         if event.status is None:
             return
-        if event.event != "undefined" and (self._locks[event.uuid].locked() or self._own.consume(event.uuid, event.status)):
+        own = event.event != "undefined" and self._own.consume(event.uuid, event.status)
+        if not own:  # the policy's record tells a stop the controller asked for (lock held or not)
+            self.restarts.on_event(event)
+        if own or (event.event != "undefined" and self._locks[event.uuid].locked()):
             return  # the agent's own operation: its reply reports the state (container events are for changes on the host)
         host_event = HostEvent(instance_uuid=event.uuid, external_id=event.uuid, status=event.status,
-                               timestamp=event.timestamp)
+                               timestamp=event.timestamp, cause=event.cause)
         for listener in self._event_listeners:
             listener(host_event)
 
@@ -441,6 +448,7 @@ class LibvirtDriver:
                     raise exc if isinstance(exc, DriverError) else DriverError(domain_ops.libvirt_message(exc)) from None
                 restart_required = was_running
                 self._registry[uuid] = domain.metadata
+            await (self.restarts.controller_starts if start else self.restarts.controller_defines)(uuid, dom)
             if start:
                 self._own.expect(uuid, "start")
                 try:
@@ -457,6 +465,7 @@ class LibvirtDriver:
     async def start_vm(self, instance_uuid: str) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
+            await self.restarts.controller_starts(instance_uuid, dom)
             self._own.expect(instance_uuid, "start")
             await self._call(domain_ops.start_if_stopped, dom)
             return await self._fresh_record(dom, instance_uuid)
@@ -464,6 +473,7 @@ class LibvirtDriver:
     async def stop_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
+            await self.restarts.controller_stops(instance_uuid, dom)
             await self._stop(dom, timeout)
             return await self._fresh_record(dom, instance_uuid)
 
@@ -473,7 +483,9 @@ class LibvirtDriver:
     async def restart_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
+            await self.restarts.controller_stops(instance_uuid, dom)
             await self._stop(dom, timeout)
+            await self.restarts.controller_starts(instance_uuid, dom)
             self._own.expect(instance_uuid, "start")
             await self._call(dom.create)
             return await self._fresh_record(dom, instance_uuid)
@@ -481,6 +493,7 @@ class LibvirtDriver:
     async def remove_vm(self, instance_uuid: str, timeout: float) -> None:
         """Stop (gracefully within timeout) and undefine; volumes, seed and log stay for purge."""
         async with self._locks[instance_uuid]:
+            self.restarts.controller_removes(instance_uuid)
             dom = await self._call(self._lookup, instance_uuid)
             if dom is None:
                 return

@@ -46,11 +46,12 @@ CMDLINE = "console=ttyS0 quiet panic=-1"
 PRUNE_AFTER_SECONDS = 3600
 # Everything the guest needs that the cloud kernel ships as modules (dependencies are
 # added automatically): virtio devices, the IDE cdrom that carries the seed on machine
-# `pc`, ISO9660, and the ACPI power button as an input device for acpid.
+# `pc`, ISO9660, the ACPI power button as an input device for acpid, and the ISA pvpanic
+# device (ACPI QEMU0001) so a kernel panic reaches libvirt as `crashed`.
 MODULES = (
     "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
     "virtio_scsi", "sd_mod", "ata_piix", "sr_mod", "isofs", "nls_utf8",
-    "button", "evdev", "ext4",
+    "button", "evdev", "ext4", "pvpanic_mmio",
 )
 HERE = Path(__file__).resolve().parent
 ROOTFS = HERE / "rootfs"

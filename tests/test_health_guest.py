@@ -138,7 +138,7 @@ async def host() -> AsyncIterator[Host]:
         await ctl.wait_subscribed(timeout=60)
         found = Host(ctl, agent, host_uuid, env, dirs)
         found.web = vm_instance("web", memory_mb=160, imageUuid=image, userdata=USERDATA, hostname="web",
-                                healthCheck=WEB_CHECK, startCount=1)
+                                healthCheck=WEB_CHECK, startCount=1, restartPolicy={"name": "always"})
         found.closed = vm_instance("closed", memory_mb=160, imageUuid=image, hostname="closed",
                                    healthCheck=CLOSED_CHECK, startCount=5)
 
@@ -247,6 +247,24 @@ async def test_ping_and_herdsman_ls_show_the_health_state(host: Host) -> None:
     web, closed = rows[host.web["uuid"]], rows[host.closed["uuid"]]
     assert (web["NAME"], web["STATE"], web["HEALTH"]) == ("web", "running", "healthy")
     assert (closed["NAME"], closed["HEALTH"]) == ("closed", "unhealthy")
+
+
+async def test_a_vm_the_restart_policy_starts_again_is_reinitializing_and_never_reported_down(host: Host) -> None:
+    """qemu killed from outside: the policy starts web again; meanwhile it is neither probed nor
+    reported, then `reinitializing` (it was healthy), then healthy once httpd is back."""
+    uuid = host.web["uuid"]
+    before = len(reports(host.ctl, host.web))
+    conn = system_connection()
+    try:
+        conn.lookupByUUIDString(uuid).destroy()
+    finally:
+        conn.close()
+    await host.ctl.wait_container_event(lambda e: e["externalId"] == uuid and e["externalStatus"] == "start", timeout=60)
+    assert ping_instances(await ping(host.ctl))[uuid]["healthState"] == "reinitializing"
+    _, report = await next_report(host.ctl, host.web, before, timeout=180)
+    assert report == {"healthcheckUuid": f"{host.host_uuid}_{uuid}_1", "reportedHealth": "UP",
+                      "externalTimestamp": report["externalTimestamp"]}
+    assert ping_instances(await ping(host.ctl))[uuid]["healthState"] == "healthy"
 
 
 async def test_a_killed_agent_adopts_the_checks_with_their_start_counts(host: Host) -> None:

@@ -1,7 +1,7 @@
 """Health checks wired into the agent, on libvirt's test driver (fast; the probes themselves run
 against the real guest in tests/test_health_guest.py).
 
-A test-driver VM's made-up address answers nothing, so its probes never pass: it is `initializing`, then
+A test-driver VM without a NIC has no address, so its probes never pass: it is `initializing`, then
 `unhealthy` once its initializingTimeout passes. That is enough to see every place the state
 goes: the activate, restart and inspect replies, the ping's instance records, the metrics,
 `<state dir>/health.json` (what `herdsman ls` shows) and the serviceevents the controller gets.
@@ -26,9 +26,9 @@ from tests.test_metrics import parse, scrape
 
 pytestmark = pytest.mark.timeout(120)
 
-#: port 1: the test driver makes up addresses on 192.168.122.0/24, where real test guests run
-#: httpd on 80; nothing listens on 1
-CHECK = {"port": 1, "interval": 200, "responseTimeout": 100, "initializingTimeout": 1500,
+#: with networkMode none: the test driver makes up addresses on 192.168.122.0/24 for VMs with
+#: a NIC, where real test guests run; a VM without one has no address and is never probed
+CHECK = {"port": 80, "interval": 200, "responseTimeout": 100, "initializingTimeout": 1500,
          "healthyThreshold": 2, "unhealthyThreshold": 3}
 
 
@@ -56,7 +56,7 @@ async def eventually(probe: Any, timeout: float = 20) -> Any:
 
 async def test_health_state_in_replies_pings_metrics_file_and_reports(tmp_path: Path) -> None:
     async with running_agent(tmp_path, metrics_listen="127.0.0.1:0") as (ctl, agent):
-        checked = vm_instance("checked", healthCheck=CHECK, startCount=3)
+        checked = vm_instance("checked", healthCheck=CHECK, startCount=3, networkMode="none")
         plain = vm_instance("plain")
         uuid = checked["uuid"]
         assert fields_of(await instance_event(ctl, "activate", checked))["healthState"] == "initializing"
@@ -103,7 +103,7 @@ async def test_a_restarted_agent_adopts_the_vm_with_its_start_count(tmp_path: Pa
     """The state file keeps the controller's start count for VMs adopted after a restart
     (libvirt's test driver keeps its domains in the process, so both agents run here)."""
     check = {**CHECK, "initializingTimeout": 60000}
-    checked = vm_instance("adopted", healthCheck=check, startCount=7)
+    checked = vm_instance("adopted", healthCheck=check, startCount=7, networkMode="none")
     async with running_agent(tmp_path) as (ctl, _agent):
         await instance_event(ctl, "activate", checked)
         await eventually(lambda: checked["uuid"] in state_file.read(tmp_path / "state" / "health.json"))
@@ -116,7 +116,7 @@ async def test_a_restarted_agent_adopts_the_vm_with_its_start_count(tmp_path: Pa
 
 async def test_a_vm_activated_without_its_check_is_no_longer_watched(tmp_path: Path) -> None:
     async with running_agent(tmp_path) as (ctl, _agent):
-        inst = vm_instance("dropped", healthCheck=CHECK)
+        inst = vm_instance("dropped", healthCheck=CHECK, networkMode="none")
         assert fields_of(await instance_event(ctl, "activate", inst))["healthState"] == "initializing"
         del inst["data"]["fields"]["healthCheck"]
         assert "healthState" not in fields_of(await instance_event(ctl, "activate", inst))
@@ -176,7 +176,8 @@ async def test_a_vm_stopping_on_its_own_pauses_its_check_and_a_restart_resumes_i
     conn = libvirt.open("test:///default")  # the same in-process state the agent's driver sees
     try:
         async with running_agent(tmp_path) as (ctl, agent):
-            inst = vm_instance("outside", healthCheck={**CHECK, "initializingTimeout": 60000}, startCount=2)
+            inst = vm_instance("outside", healthCheck={**CHECK, "initializingTimeout": 60000}, startCount=2,
+                               networkMode="none")
             uuid = inst["uuid"]
             await instance_event(ctl, "activate", inst)
             dom = conn.lookupByUUIDString(uuid)

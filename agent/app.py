@@ -14,8 +14,10 @@ from agent.dispatcher import Dispatcher, Publish, Route
 from agent.handlers.compute import ComputeHandlers
 from agent.handlers.ping import PingHandler
 from agent.handlers.storage import StorageHandlers
+from agent.health.reporter import client_post
+from agent.health.wiring import HealthSupervisor
 from agent.metrics import AgentMetrics, MetricsServer, Scraper
-from agent.protocol.client import ControllerClient
+from agent.protocol.client import ControllerClient, basic_auth
 from agent.restarts.notices import RestartNotices
 from agent.restarts.runner import RestartRunner
 from agent.streams.actions import BaseUrl, StreamActions, default_stream_url
@@ -124,12 +126,16 @@ class Agent:
                                     logger=logging.getLogger("herdsman.streams"))
         self._stream_url: str | None = None
         self.own_metrics = AgentMetrics()
-        self.dispatcher = Dispatcher(build_routes(self.driver, config, self.host_uuid, self._publish, self.stream_url),
+        self.health = HealthSupervisor(self.driver, host_uuid=self.host_uuid, state_dir=config.state_dir)
+        self.vm_restarted_listeners.append(self.health.vm_restarted)  # healthy → reinitializing
+        routes = build_routes(self.driver, config, self.host_uuid, self._publish, self.stream_url)
+        self.dispatcher = Dispatcher(self.health.wrap(routes),
                                      self._publish, concurrency=config.concurrency, on_outcome=self.own_metrics.event_handled)
         self.client = ControllerClient(config.url, config.access_key, config.secret_key,
                                        event_names=self.dispatcher.event_names)
         self.metrics = MetricsServer(config.metrics_listen, Scraper(
-            self.driver.domain_stats, events=self.own_metrics, controller=self.client, streams=self.streams,
+            self.driver.domain_stats, events=self.own_metrics, health_of=self.health.health_of,
+            controller=self.client, streams=self.streams,
             images=self.driver.provisioner.images, stream_kinds=tuple(self.streams.routes)).scrape,
         ) if config.metrics_listen else None
         self.notifier = Notifier.from_environ()
@@ -216,6 +222,7 @@ class Agent:
             self.notifier.ready("subscribed to the controller")
         else:
             self.notifier.status("subscribed to the controller")
+            self.health.resend()  # a report lost while the controller was away heals now
         log.info("subscribed", extra={"url": self.config.url, "events": len(self.dispatcher.event_names)})
 
     async def run(self) -> None:
@@ -232,6 +239,7 @@ class Agent:
             raise SystemExit(f"herdsman run: {exc}") from None
         log.info("agent starting", extra={"hostUuid": self.host_uuid, "libvirt": self.config.libvirt_uri,
                                           **self.driver.host_facts()})
+        self.health.start(client_post(self.client, basic_auth(*self.config.health_keys)))
         await self._start_streams()
         await self._start_metrics()
         tasks = [
@@ -257,6 +265,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await self.restarts.close()
+            await self.health.close()
             await self.streams.close()
             if self.metrics is not None:
                 await self.metrics.close()

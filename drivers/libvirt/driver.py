@@ -369,6 +369,11 @@ class LibvirtDriver:
         names = {uuid: meta.spec.get("name") for uuid, meta in self._registry.items()}
         return await self._call(stats.collect, self._connection(), names, lane="query", timeout=_QUERY_TIMEOUT)
 
+    def stored_spec(self, instance_uuid: str) -> dict[str, Any] | None:
+        """The spec kept in the VM's metadata as the agent last defined it (None: not ours)."""
+        meta = self._registry.get(instance_uuid)
+        return None if meta is None else meta.spec
+
     async def get_vm(self, instance_uuid: str) -> VmRecord:
         return await self._call(self._current, instance_uuid, lane="query")
 

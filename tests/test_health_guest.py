@@ -34,7 +34,7 @@ from agent.streams.client import messages, open_stream
 from tests.agent_harness import REPO, AgentProcess, instance_event, ping, ping_instances, vm_instance
 from tests.console_exec_guest import decode
 from tests.controller_double import ControllerDouble
-from tests.libvirtd_fixtures import SYSTEM_URI, TEST_ROOT, cleanup_test_host, system_connection
+from tests.libvirtd_fixtures import SYSTEM_URI, cleanup_test_host, new_test_root, system_connection
 from tests.ports_fixtures import drop_table
 from tests.test_e2e_guest import guest_manifest, wait_for
 
@@ -118,10 +118,7 @@ async def host() -> AsyncIterator[Host]:
     if os.geteuid() != 0:
         pytest.skip("needs root for qemu:///system (run scripts/test as root, as CI does)")
     conn = system_connection()
-    token = uuid.uuid4().hex[:8]
-    root = TEST_ROOT / token
-    root.mkdir(parents=True, mode=0o755)
-    os.chmod(TEST_ROOT, 0o755)
+    token, root = new_test_root()
     dirs: dict[str, Any] = {"state_dir": root / "state", "log_dir": root / "log", "storage_pool": f"hmtest-{token}"}
     table = f"hmt_{token}"
     ctl = ControllerDouble()

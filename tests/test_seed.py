@@ -354,21 +354,8 @@ def test_blkid_sees_label_cidata_type_iso9660(seed_iso):
     assert "TYPE=iso9660" in out.splitlines()
 
 
-def test_kernel_mounts_it_and_reads_the_files_byte_exact(seed_iso, tmp_path):
-    path, files = seed_iso
-    if os.geteuid() != 0:
-        pytest.skip("mounting a loop device needs root")
-    if "iso9660" not in Path("/proc/filesystems").read_text():
-        pytest.skip("this kernel has no iso9660 driver (the guest test covers the guest side)")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop,ro", str(path), str(mnt)], check=True, timeout=30)
-    try:
-        assert sorted(p.name for p in mnt.iterdir()) == sorted(files)
-        for name, data in files.items():
-            assert (mnt / name).read_bytes() == data
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+# The kernel's own iso9660 reader is tested in the guest: tests/test_seed_guest.py mounts the
+# seed in the test guest and reads every file byte for byte (this host kernel has no iso9660).
 
 
 # --- write_seed ------------------------------------------------------------------------

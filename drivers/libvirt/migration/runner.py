@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import libvirt
 
-from drivers.libvirt.migration import destination, sockets
+from drivers.libvirt.migration import destination, destxml, sockets
 from drivers.libvirt.migration.disks import domain_disks
 from drivers.libvirt.migration.monitor import JobSample, Monitor, Progress
 from drivers.libvirt.migration.options import Destination, MigrationOptions
@@ -74,6 +74,17 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
     xml = await run(lambda: dom.XMLDesc(0))
     call = build_call(options, domain_disks(xml), dest)
     prepared = await run(lambda: destination.prepare(src, dst, xml))
+    try:
+        paths = await run(lambda: destxml.volume_paths(dst, domain_disks(xml)))
+        if paths:  # see destxml: libvirt cannot find a volume disk on the destination by itself
+            live = await run(lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+            persistent = await run(lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE))
+            call = replace(call, params={**call.params,
+                                         libvirt.VIR_MIGRATE_PARAM_DEST_XML: destxml.with_file_disks(live, paths),
+                                         libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent})
+    except BaseException:
+        await run(lambda: destination.undo(dst, prepared))
+        raise
     memory = (await run(dom.maxMemory)) * 1024
     started = clock()
     monitor = Monitor(options, moved_bytes=memory + prepared.copied_bytes, started=started)

@@ -24,7 +24,7 @@ from agent.spec.errors import PathError, SpecError
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 LIBVIRT_SCHEMES = ("qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix", "qemu")
-_BAD_CHARS = set("\"'<>\\`$;|&{}[] \t\r\n")
+_BAD_CHARS = set("\"'<>\\`$;|&{} \t\r\n")
 
 
 def check_host(value: str) -> str:

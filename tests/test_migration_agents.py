@@ -418,3 +418,5 @@ async def test_herdsman_migrate_in_the_debug_mode_moves_it_back_to_a(agents: Age
         await asyncio.sleep(1)
     last = ticks(await agents.exec("a", moved, "cat /mnt/root/ticks"))[-1][0]
     assert await agents.console_sees("a", moved, after=last) > last
+    # B's daemon saw its VM leave without being asked: not a stop or destroy either
+    assert [e for e in agents.ctl.container_events if e["externalId"] == moved["uuid"]] == []

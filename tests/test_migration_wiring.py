@@ -128,6 +128,9 @@ def test_a_vm_that_moved_out_is_hidden_and_its_undefine_is_not_a_destroy() -> No
     assert not p.hidden("stays")
     assert p.on_event(ev("stays", "undefined", "removed", "destroy")) == "report"
     assert p.on_event(ev("other", "stopped", "destroyed", "die")) == "report"
+    # moved by someone else (`herdsman migrate` beside the daemon, virsh): the same
+    assert p.on_event(ev("by-cli", "stopped", "migrated")) == "quiet" and p.hidden("by-cli")
+    assert p.on_event(ev("by-cli", "undefined", "removed", "destroy")) == "quiet"
 
 
 def test_volume_disks_become_files_in_the_destination_definition_only() -> None:

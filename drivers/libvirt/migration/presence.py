@@ -9,6 +9,7 @@ The controller must see one VM, never two, never none; and a migration is not a 
   (the migration failed or was cancelled), it was never ours here: the driver forgets it.
 - **outgoing** (this host is the source): from `stopped/migrated` on, the VM runs elsewhere and
   is left out of pings; its `undefined` (UNDEFINE_SOURCE) is not a `destroy` for the controller.
+  That holds whoever started the migration (this agent, `herdsman migrate`, an operator's virsh).
 
 No event with detail `migrated` or `postcopy*` is reported as a container event: the migration's
 reply says where the VM is. Nothing here ever stops, restarts or removes a VM.
@@ -77,12 +78,12 @@ class Presence:
                 self._incoming.discard(uuid)
                 return "drop"
             return "quiet"
-        if uuid in self._outgoing or uuid in self._moved:
-            if event.event == "stopped" and event.detail == "migrated":
-                self._moved[uuid] = time.monotonic()
-                return "quiet"
-            if event.event == "undefined" and uuid in self._moved:
-                return "quiet"
+        if event.event == "stopped" and event.detail == "migrated":
+            # whoever asked (this agent, `herdsman migrate`, virsh): the VM runs elsewhere now
+            self._moved[uuid] = time.monotonic()
+            return "quiet"
+        if event.event == "undefined" and uuid in self._moved:
+            return "quiet"
         if event.detail in _MIGRATION_DETAILS:
             return "quiet"
         return "report"

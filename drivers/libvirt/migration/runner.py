@@ -33,6 +33,7 @@ T = TypeVar("T")
 Blocking = Callable[[Callable[[], T]], Awaitable[T]]
 Release = Callable[[], str]
 STATS_TIMEOUT = 5.0  # libvirt waits 30 s for a busy job lock; we stop waiting sooner
+ABORT_WAIT = 5.0  # the abort call may hang with the frozen source (see _request_abort)
 ACTIVE_JOB = libvirt.VIR_DOMAIN_JOB_UNBOUNDED
 ProgressCallback = Callable[[Progress], Awaitable[None] | None]
 
@@ -95,7 +96,7 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
                      abort_grace, release, clock)
     except BaseException:
         # never leave a migration running unwatched (Nova #1905944): abort it, then report
-        await asyncio.shield(run(lambda: _abort(dom, postcopy=monitor.phase == "postcopy")))
+        await _request_abort(dom, run, postcopy=monitor.phase == "postcopy")
         raise
 
     result.outcome = await _settle(src, dst, uuid, run, clock, settle_timeout)
@@ -140,7 +141,7 @@ async def _watch(dom: libvirt.virDomain, monitor: Monitor,
             await pending
         if decision.action == "abort":
             result.reason, result.aborted_at = decision.reason, sample.t
-            await run(lambda: _abort(dom, postcopy=decision.in_postcopy))
+            await _request_abort(dom, run, postcopy=decision.in_postcopy)
             await _after_abort(dom, monitor, call_done, run, abort_grace, release, result, clock)
             return
         if decision.action == "postcopy":
@@ -219,6 +220,17 @@ def _job_stats(dom: libvirt.virDomain) -> dict[str, Any]:
         if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
             return {"type": libvirt.VIR_DOMAIN_JOB_NONE}  # gone from the source: undefined after success
         raise
+
+
+async def _request_abort(dom: libvirt.virDomain, run: Blocking[Any], *, postcopy: bool) -> None:
+    """Ask libvirt to abort, waiting ABORT_WAIT at most for the call: with a disk copy to an
+    unreachable destination, libvirtd's abortJob itself waits on the frozen QEMU until the
+    sockets are released (sockets.py), which `_after_abort` does only if we get there."""
+    call = asyncio.ensure_future(run(lambda: _abort(dom, postcopy=postcopy)))
+    try:
+        await asyncio.wait_for(asyncio.shield(call), ABORT_WAIT)
+    except TimeoutError:
+        call.add_done_callback(lambda f: f.cancelled() or f.exception())  # finishes on its own, later
 
 
 def _abort(dom: libvirt.virDomain, *, postcopy: bool) -> None:

@@ -312,6 +312,9 @@ async def test_a_cut_link_aborts_and_the_vm_stays_on_a_with_nothing_on_b(agents:
             assert time.monotonic() < deadline, progress_of(agents, event)
             for p in progress_of(agents, event):
                 if p["transitioningMessage"].startswith("migrating: precopy") and p["transitioningProgress"] >= 5:
+                    # mid-way the VM is on both hosts in libvirt, and in one host's pings: A's
+                    assert agents.domain("b", inst) is not None
+                    assert inst["uuid"] in await agents.ping("a") and inst["uuid"] not in await agents.ping("b")
                     agents.env.set_uplink("b", False)
                     cut = time.monotonic()
                     break
@@ -345,12 +348,17 @@ async def test_two_migrations_with_a_cap_of_one_queue(agents: Agents) -> None:
     replies = [await agents.ctl.wait_reply(event, 2 * MOVE) for event in events]
     for reply in replies:
         assert reply.get("transitioning") is None, reply.get("transitioningMessage")
-    waited = progress_of(agents, events[1])
-    assert waited[0]["transitioningMessage"].startswith("migrating: waiting for a migration slot (1 at once; 0 ahead)")
-    first_done = reply_index(agents, lambda r: r is replies[0])
-    second_started = reply_index(agents, lambda r: r.get("name") == events[1]["replyTo"]
+    # the two requests race to the slot: one of them waited, and started after the other ended
+    queued = [i for i, event in enumerate(events)
+              if any("waiting for a migration slot" in p["transitioningMessage"] for p in progress_of(agents, event))]
+    assert len(queued) == 1, [progress_of(agents, e)[:2] for e in events]
+    waiter, other = events[queued[0]], replies[1 - queued[0]]
+    assert progress_of(agents, waiter)[0]["transitioningMessage"] == \
+        "migrating: waiting for a migration slot (1 at once; 0 ahead)"
+    other_done = reply_index(agents, lambda r: r is other)
+    waiter_started = reply_index(agents, lambda r: r.get("name") == waiter["replyTo"]
                                  and "waiting for a migration slot" not in (r.get("transitioningMessage") or ""))
-    assert second_started > first_done, "the second migration started before the first ended"
+    assert waiter_started > other_done, "the second migration started before the first ended"
     for vm in (first, second):
         assert agents.domain("b", vm) == (True, libvirt.VIR_DOMAIN_RUNNING)
         assert agents.domain("a", vm) is None and agents.files("a", vm) == []

@@ -268,6 +268,10 @@ async def test_a_vm_writing_to_disk_and_console_moves_to_b_and_lives_on(agents: 
     assert progress and all(isinstance(p["transitioningProgress"], int) for p in progress)
     assert any("MiB" in p["transitioningMessage"] for p in progress), progress
 
+    # the same request again (a new event id: the controller retried) is answered as done
+    repeat = await agents.request("a", "migrate", inst, process=migrate_process(agents, "b"), timeout=60)
+    assert repeat.get("transitioning") is None and repeat["data"] == reply["data"], repeat
+
     # B runs it (persistent: the definition came along); A has nothing of it left
     assert agents.domain("b", inst) == (True, libvirt.VIR_DOMAIN_RUNNING)
     assert agents.domain("a", inst) is None

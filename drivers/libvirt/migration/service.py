@@ -75,6 +75,7 @@ class MigrationService:
         self._log = logger or logging.getLogger("herdsman.migration")
         self._running: dict[str, Running] = {}
         self._destinations: dict[str, libvirt.virConnect] = {}
+        self._finished: dict[str, MigrationReport] = {}  # moved away lately: a repeat gets this
 
     def configure(self, *, max_outgoing: int, bandwidth: int, progress_timeout: float,
                   completion_timeout: float, postcopy: bool) -> None:
@@ -107,6 +108,11 @@ class MigrationService:
                       progress: MigrationProgressCallback | None = None) -> MigrationReport:
         """Migrate `uuid` out; a request for a VM already migrating attaches to that migration."""
         uri = request.destination.uri
+        self._finished = {u: r for u, r in self._finished.items() if self.presence.hidden(u)}
+        done = self._finished.get(uuid)
+        if done is not None and done.destination_uri == uri:
+            self._log.info("migration request repeats one that succeeded", extra={"uuid": uuid})
+            return done  # every event can arrive twice: the VM is already there
         current = self._running.get(uuid)
         if current is not None:
             if current.destination != uri:
@@ -198,6 +204,7 @@ class MigrationService:
             seconds=round(result.seconds, 3), downtime_ms=completed.get("downtime"),
             memory_mib=_mib(completed.get("memory_processed")), disk_mib=_mib(completed.get("disk_processed")),
             removed=tuple(removed), cleanup_error=cleanup_error)
+        self._finished[uuid] = report
         self._log.info("migration succeeded", extra={"uuid": uuid, "destination": dest.libvirt_uri,
                                                      "seconds": report.seconds, "downtimeMs": report.downtime_ms})
         return report

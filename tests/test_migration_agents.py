@@ -342,6 +342,43 @@ async def test_a_cut_link_aborts_and_the_vm_stays_on_a_with_nothing_on_b(agents:
     assert [e for e in agents.ctl.container_events if e["externalId"] == inst["uuid"]] == []
 
 
+async def cut_at_precopy(agents: Agents, event: dict[str, Any]) -> None:
+    deadline = time.monotonic() + MOVE
+    while True:
+        assert time.monotonic() < deadline, progress_of(agents, event)
+        if any(p["transitioningMessage"].startswith("migrating: precopy") and p["transitioningProgress"] >= 5
+               for p in progress_of(agents, event)):
+            agents.env.set_uplink("b", False)
+            return
+        await asyncio.sleep(0.2)
+
+
+async def test_a_link_cut_for_good_is_answered_and_b_is_cleaned_once_it_is_back(agents: Agents) -> None:
+    """B stays unplugged until A's agent has answered: it does not wait for TCP to give up on
+    B (minutes), the VM runs on A; once B is back, what was prepared there is removed."""
+    inst = await agents.boot(f"mig-gone-{uuid_module.uuid4().hex[:6]}")
+    event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=2, progressTimeout=6),
+                         timeout=MOVE)
+    await agents.send("a", event)
+    try:
+        await cut_at_precopy(agents, event)
+        reply = await agents.ctl.wait_reply(event, MOVE)
+    finally:
+        agents.env.set_uplink("b", True)
+    assert reply.get("transitioning") == "error", reply
+    message = reply["transitioningMessage"]
+    assert "aborted: stalled: no data moved" in message and "the VM still runs on this host" in message, message
+    assert "the destination does not answer" in message and "removed once it answers again" in message, message
+    assert agents.domain("a", inst) == (True, libvirt.VIR_DOMAIN_RUNNING)
+    last = ticks(agents.console_log("a", inst))[-1][0]
+    await agents.wait_console("a", inst, f"tick {last + 5} ", 60)
+    deadline = time.monotonic() + MOVE
+    while agents.domain("b", inst) is not None or agents.files("b", inst):
+        assert time.monotonic() < deadline, (agents.domain("b", inst), agents.files("b", inst))
+        await asyncio.sleep(1)
+    assert inst["uuid"] in await agents.ping("a") and inst["uuid"] not in await agents.ping("b")
+
+
 async def test_two_migrations_with_a_cap_of_one_queue(agents: Agents) -> None:
     first = await agents.boot(f"mig-q1-{uuid_module.uuid4().hex[:6]}")
     second = await agents.boot(f"mig-q2-{uuid_module.uuid4().hex[:6]}")

@@ -41,6 +41,8 @@ from drivers.libvirt.migration.presence import Presence
 CALL_TIMEOUT = 3600.0
 OPEN_TIMEOUT = 30.0
 UNDEFINE_WAIT = 30.0
+CLEAN_RETRY = 15.0  # a destination that stopped answering is tried again this often ...
+CLEAN_FOR = 3600.0  # ... for this long, to remove what was prepared there
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class MigrationService:
         self._running: dict[str, Running] = {}
         self._destinations: dict[str, libvirt.virConnect] = {}
         self._finished: dict[str, MigrationReport] = {}  # moved away lately: a repeat gets this
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     def configure(self, *, max_outgoing: int, bandwidth: int, progress_timeout: float,
                   completion_timeout: float, postcopy: bool) -> None:
@@ -195,6 +198,10 @@ class MigrationService:
                                       f"{_message(exc)}; {where}") from None
                 finally:
                     self.presence.end_out(uuid, moved=moved)
+                if result.destination_unreachable:
+                    self._drop_destination(dest.libvirt_uri)  # a hung connection: never reused
+                    if result.outcome.verdict == "failed" and result.prepared is not None:
+                        self._clean_later(dest.libvirt_uri, uuid, result.prepared)
                 if not moved:
                     raise DriverError(_failure(result, dest.libvirt_uri, cancelled=running.cancel.is_set()))
                 removed, cleanup_error = await self._clean_source(src, uuid)
@@ -275,7 +282,37 @@ class MigrationService:
         if found.strip() != expected:
             raise DriverError(f"{uri} is host {found.strip()}, not {expected} as asked")
 
+    def _clean_later(self, uri: str, uuid: str, prepared: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._clean_when_back(uri, uuid, prepared),
+                                                      name=f"migration cleanup {uuid}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _clean_when_back(self, uri: str, uuid: str, prepared: Any) -> None:
+        """A failed migration whose destination stopped answering: once it answers again (a new
+        connection), remove what was prepared there, after its libvirtd dropped the incoming VM."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLEAN_FOR
+        while loop.time() < deadline:
+            await asyncio.sleep(CLEAN_RETRY)
+            try:
+                dst = await self._blocking(lambda: _open(uri), timeout=OPEN_TIMEOUT)
+            except (libvirt.libvirtError, DriverError):
+                continue
+            try:
+                error = await runner.clean_destination(dst, uuid, prepared, self._blocking, loop.time, 120.0)
+            finally:
+                loop.run_in_executor(None, _close_quietly, dst)
+            if error is None:
+                self._log.info("migration leftovers removed from the destination", extra={"uuid": uuid, "destination": uri})
+                return
+            self._log.info("migration leftovers not removed yet", extra={"uuid": uuid, "destination": uri, "error": error})
+        self._log.warning("migration leftovers left on the destination", extra={
+            "uuid": uuid, "destination": uri, "paths": ", ".join(prepared.paths)})
+
     async def close(self) -> None:
+        for task in list(self._cleanups):
+            task.cancel()
         for uri in list(self._destinations):
             self._drop_destination(uri)
 
@@ -320,6 +357,8 @@ def _failure(result: runner.MigrationResult, uri: str, *, cancelled: bool) -> st
         text = f"the migration to {uri} ended unclearly ({outcome.verdict}): {outcome.message}"
     if result.cleanup_error:
         text += f"; on the destination: {result.cleanup_error}"
+        if result.destination_unreachable:
+            text += " (removed once it answers again)"
     return text
 
 

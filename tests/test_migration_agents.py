@@ -239,6 +239,12 @@ async def agents(hosts_env: HostsEnv, tmp_path_factory: pytest.TempPathFactory) 
                             dom.destroy()
                         with contextlib.suppress(libvirt.libvirtError):
                             dom.undefine()
+                for pool in conn.listAllStoragePools(0):  # the agents' own: the environment as found
+                    if pool.name() == "herdsman":
+                        with contextlib.suppress(libvirt.libvirtError):
+                            pool.destroy()
+                        with contextlib.suppress(libvirt.libvirtError):
+                            pool.undefine()
             finally:
                 conn.close()
         subprocess.run(["rm", "-rf", str(folder)], check=False)

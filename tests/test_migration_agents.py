@@ -71,6 +71,17 @@ class Agents:
     image: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     vms: list[dict[str, Any]] = field(default_factory=list)
+    logs: dict[str, Any] = field(default_factory=dict)
+
+    def start(self, role: str) -> None:
+        """`herdsman run` on host `role`, its output in the host's /var/log/herdsman."""
+        host = self.host(role)
+        if role not in self.logs:
+            self.logs[role] = open(host.path(LAYOUT.log_dir) / "agent-migration-test.log", "ab")
+        self.procs[role] = host.popen(
+            [sys.executable, "-m", "agent", "run", "--url", self.ctl.url, "--access-key", "agent",
+             "--secret-key", "secret", "--domain-type", "qemu", "--log-format", "text",
+             "--migration-max-outgoing", "1"], cwd=REPO, stdout=self.logs[role], stderr=subprocess.STDOUT)
 
     def host(self, role: str) -> Host:
         return self.env.hosts[role]
@@ -206,15 +217,9 @@ async def agents(hosts_env: HostsEnv, tmp_path_factory: pytest.TempPathFactory) 
     folder = Path("/tmp") / f"hm-migrate-{uuid_module.uuid4().hex[:8]}"  # the machine's /tmp: both hosts see it
     folder.mkdir(mode=0o755)
     result = Agents(hosts_env, ctl, guest_manifest(folder))
-    logs = {}
     try:
         for role in ("a", "b"):
-            host = result.host(role)
-            logs[role] = open(host.path(LAYOUT.log_dir) / "agent-migration-test.log", "ab")
-            result.procs[role] = host.popen(
-                [sys.executable, "-m", "agent", "run", "--url", ctl.url, "--access-key", "agent",
-                 "--secret-key", "secret", "--domain-type", "qemu", "--log-format", "text",
-                 "--migration-max-outgoing", "1"], cwd=REPO, stdout=logs[role], stderr=subprocess.STDOUT)
+            result.start(role)
         await ctl.wait_subscribed(timeout=120, count=2)
         yield result
     finally:
@@ -226,7 +231,7 @@ async def agents(hosts_env: HostsEnv, tmp_path_factory: pytest.TempPathFactory) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for log in logs.values():
+        for log in result.logs.values():
             log.close()
         await ctl.stop()
         for role in ("a", "b"):
@@ -348,15 +353,43 @@ async def test_a_cut_link_aborts_and_the_vm_stays_on_a_with_nothing_on_b(agents:
     assert [e for e in agents.ctl.container_events if e["externalId"] == inst["uuid"]] == []
 
 
-async def cut_at_precopy(agents: Agents, event: dict[str, Any]) -> None:
+async def wait_precopy(agents: Agents, event: dict[str, Any]) -> None:
     deadline = time.monotonic() + MOVE
-    while True:
+    while not any(p["transitioningMessage"].startswith("migrating: precopy") and p["transitioningProgress"] >= 5
+                  for p in progress_of(agents, event)):
         assert time.monotonic() < deadline, progress_of(agents, event)
-        if any(p["transitioningMessage"].startswith("migrating: precopy") and p["transitioningProgress"] >= 5
-               for p in progress_of(agents, event)):
-            agents.env.set_uplink("b", False)
-            return
         await asyncio.sleep(0.2)
+
+
+async def cut_at_precopy(agents: Agents, event: dict[str, Any]) -> None:
+    await wait_precopy(agents, event)
+    agents.env.set_uplink("b", False)
+
+
+async def test_the_destination_agent_restarted_mid_migration_lists_the_vm_only_once_it_runs_there(
+        agents: Agents) -> None:
+    """B's agent is killed while the VM comes in and started again: at adoption it finds the
+    incoming domain (paused, a `migration in` job) and leaves it out of its pings until it runs."""
+    inst = await agents.boot(f"mig-adopt-{uuid_module.uuid4().hex[:6]}")
+    event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=2), timeout=MOVE)
+    await agents.send("a", event)
+    await wait_precopy(agents, event)
+    agents.procs["b"].kill()
+    agents.procs["b"].wait(timeout=20)
+    subscribed = len(agents.ctl.subscriptions)
+    agents.start("b")
+    await agents.ctl.wait_subscribed(timeout=120, count=subscribed + 1)
+    assert agents.domain("b", inst) == (False, libvirt.VIR_DOMAIN_PAUSED), "the migration ended too soon to test"
+    listed = inst["uuid"] in await agents.ping("b")
+    assert agents.domain("b", inst) == (False, libvirt.VIR_DOMAIN_PAUSED), "the migration ended too soon to test"
+    assert not listed, "B's restarted agent listed a VM that still runs on A"
+    reply = await agents.ctl.wait_reply(event, MOVE)
+    assert reply.get("transitioning") is None, reply.get("transitioningMessage")
+    deadline = time.monotonic() + 60
+    while inst["uuid"] not in await agents.ping("b"):
+        assert time.monotonic() < deadline, "B's agent never listed the VM that now runs there"
+        await asyncio.sleep(1)
+    assert [e for e in agents.ctl.container_events if e["externalId"] == inst["uuid"]] == []
 
 
 async def test_a_link_cut_for_good_is_answered_and_b_is_cleaned_once_it_is_back(agents: Agents) -> None:

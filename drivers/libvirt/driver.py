@@ -50,6 +50,7 @@ from drivers.libvirt.domxml.writer import to_xml
 from drivers.libvirt.events import LifecycleEvent
 from drivers.libvirt.host_dirs import HostDirError
 from drivers.libvirt.host_profile import HostProfile
+from drivers.libvirt.migration.presence import incoming_domains
 from drivers.libvirt.migration.service import MigrationService, SourceHost
 from drivers.libvirt.own_events import OwnEvents
 from drivers.libvirt.provision import Provisioner
@@ -190,6 +191,7 @@ class LibvirtDriver:
                 self._log.warning(warning)
         started = time.monotonic()
         self._registry = await threads.call(inventory.adopt_all, conn)
+        self.migrations.presence.adopt_incoming(await threads.call(incoming_domains, conn, list(self._registry)))
         await self._read_states()
         self._adopted.set()
         self._log.info(

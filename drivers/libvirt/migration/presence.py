@@ -18,7 +18,10 @@ reply says where the VM is. Nothing here ever stops, restarts or removes a VM.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Literal
+
+import libvirt
 
 from drivers.libvirt.events import LifecycleEvent
 
@@ -46,6 +49,10 @@ class Presence:
             self._moved[uuid] = time.monotonic()
         else:
             self._moved.pop(uuid, None)
+
+    def adopt_incoming(self, uuids: Iterable[str]) -> None:
+        """Incoming domains found when the agent (re)started (see `incoming_domains`)."""
+        self._incoming.update(uuids)
 
     def migrating_out(self, uuid: str) -> bool:
         return uuid in self._outgoing
@@ -92,3 +99,20 @@ class Presence:
         cutoff = time.monotonic() - MOVED_TTL
         for uuid in [u for u, at in self._moved.items() if at < cutoff]:
             del self._moved[uuid]
+
+
+def incoming_domains(conn: libvirt.virConnect, uuids: Iterable[str]) -> set[str]:
+    """Blocking: which of these domains wait for an incoming migration here right now. An agent
+    restarted during a migration to this host finds them at adoption and must not report them
+    before they run here. Such a domain is paused by the migration and transient (PERSIST_DEST
+    defines it at the end; herdsman's own VMs are always persistent). Not by its job: libvirt
+    gives no migration statistics on the destination."""
+    wanted, found = set(uuids), set()
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED | libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT):
+        uuid = dom.UUIDString()
+        try:
+            if uuid in wanted and tuple(dom.state(0)) == (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION):
+                found.add(uuid)
+        except libvirt.libvirtError:
+            continue  # gone meanwhile
+    return found

@@ -15,8 +15,12 @@ from agent.handlers.compute import ComputeHandlers
 from agent.handlers.migrate import MigrateHandlers
 from agent.handlers.ping import PingHandler
 from agent.handlers.storage import StorageHandlers
+from agent.health.reporter import client_post
+from agent.health.wiring import HealthSupervisor
 from agent.metrics import AgentMetrics, MetricsServer, Scraper
-from agent.protocol.client import ControllerClient
+from agent.protocol.client import ControllerClient, basic_auth
+from agent.restarts.notices import RestartNotices
+from agent.restarts.runner import RestartRunner
 from agent.streams.actions import BaseUrl, StreamActions, default_stream_url
 from agent.streams.auth import TokenVerifier, read_public_key
 from agent.streams.console import ConsoleHandler
@@ -118,18 +122,29 @@ class Agent:
         make_dir(config.state_dir)  # missing parents too, traversable for qemu whatever the umask
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
+        # The restart policy: the driver reports stops and adoptions to the runner. Connect a
+        # listener of "VM restarted by the policy" with vm_restarted_listeners.append(fn(uuid)).
+        self.restart_notices = RestartNotices(self._send_container_event, self.host_uuid)
+        self.vm_restarted_listeners = self.restart_notices.listeners
+        self.restarts = RestartRunner(self.driver.restarts, on_restarted=self.restart_notices,
+                                      logger=logging.getLogger("herdsman.restarts"))
+        self.driver.restarts.runner = self.restarts
         self.stream_verifier = TokenVerifier(self.host_uuid, local_secret=secret(config, "streams"))
         self.streams = StreamServer(config.stream_listen, self.stream_verifier, build_stream_routes(self.driver, config),
                                     ssl_context=stream_ssl_context(config), instance_check=self._stream_instance,
                                     logger=logging.getLogger("herdsman.streams"))
         self._stream_url: str | None = None
         self.own_metrics = AgentMetrics()
-        self.dispatcher = Dispatcher(build_routes(self.driver, config, self.host_uuid, self._publish, self.stream_url),
+        self.health = HealthSupervisor(self.driver, host_uuid=self.host_uuid, state_dir=config.state_dir)
+        self.vm_restarted_listeners.append(self.health.vm_restarted)  # healthy → reinitializing
+        routes = build_routes(self.driver, config, self.host_uuid, self._publish, self.stream_url)
+        self.dispatcher = Dispatcher(self.health.wrap(routes),
                                      self._publish, concurrency=config.concurrency, on_outcome=self.own_metrics.event_handled)
         self.client = ControllerClient(config.url, config.access_key, config.secret_key,
                                        event_names=self.dispatcher.event_names)
         self.metrics = MetricsServer(config.metrics_listen, Scraper(
-            self.driver.domain_stats, events=self.own_metrics, controller=self.client, streams=self.streams,
+            self.driver.domain_stats, events=self.own_metrics, health_of=self.health.health_of,
+            controller=self.client, streams=self.streams,
             images=self.driver.provisioner.images, stream_kinds=tuple(self.streams.routes)).scrape,
         ) if config.metrics_listen else None
         self.notifier = Notifier.from_environ()
@@ -194,6 +209,9 @@ class Agent:
             "reportedHostUuid": self.host_uuid,
         }
         log.info("host event", extra=body)
+        self._send_container_event(body)
+
+    def _send_container_event(self, body: dict[str, Any]) -> None:
         task = asyncio.ensure_future(self._post_container_event(body))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -213,6 +231,7 @@ class Agent:
             self.notifier.ready("subscribed to the controller")
         else:
             self.notifier.status("subscribed to the controller")
+            self.health.resend()  # a report lost while the controller was away heals now
         log.info("subscribed", extra={"url": self.config.url, "events": len(self.dispatcher.event_names)})
 
     async def run(self) -> None:
@@ -229,6 +248,7 @@ class Agent:
             raise SystemExit(f"herdsman run: {exc}") from None
         log.info("agent starting", extra={"hostUuid": self.host_uuid, "libvirt": self.config.libvirt_uri,
                                           **self.driver.host_facts()})
+        self.health.start(client_post(self.client, basic_auth(*self.config.health_keys)))
         await self._start_streams()
         await self._start_metrics()
         tasks = [
@@ -247,11 +267,14 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.restarts.close()  # a restart still waiting stays pending in its record
             await self.client.aclose()
             await self.driver.close()
         finally:
             for task in tasks:
                 task.cancel()
+            await self.restarts.close()
+            await self.health.close()
             await self.streams.close()
             if self.metrics is not None:
                 await self.metrics.close()

@@ -141,11 +141,17 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
 
 async def cmd_ls(args: argparse.Namespace) -> int:
+    from agent.health import state_file
+
     async with LocalSession(local_config(args)) as session:
-        rows = [("NAME", "UUID", "STATE", "ADDRESS", "IMAGE")]
+        # HEALTH is what the daemon (`herdsman run`) last wrote: '-' without a running daemon
+        health = state_file.read(state_file.path_in(session.config.state_dir))
+        rows = [("NAME", "UUID", "STATE", "HEALTH", "ADDRESS", "IMAGE")]
         for vm in sorted(await session.driver.list_vms(), key=lambda v: (v.name or "", v.instance_uuid)):
-            rows.append((vm.name or "-", vm.instance_uuid, vm.state, vm.primary_ip or "-", vm.image or "-"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            known = health.get(vm.instance_uuid)
+            state = known.health_state if known is not None and vm.state == "running" else None
+            rows.append((vm.name or "-", vm.instance_uuid, vm.state, state or "-", vm.primary_ip or "-", vm.image or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0

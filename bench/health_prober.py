@@ -32,6 +32,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.health.addresses import ProbeAddresses
 from agent.health.monitor import HealthChange, HealthMonitor
 from agent.health.reporter import HealthReporter, client_post
 from agent.health.state import Health
@@ -69,13 +70,16 @@ async def probe(peer: dict[str, Any], vms: int, interval_ms: int, http_every: in
     with log.open("a") as stream:
         configure_logging("json", "INFO", stream)
         loop = asyncio.get_running_loop()
-        targets: dict[str, tuple[str, int]] = {}
+        # the agent's own per-probe lookup; its session form maps each VM's port 80 to a
+        # listener of the peer, as qemu's forwarded ports would
+        addresses = ProbeAddresses(None, session=True)
         checks: dict[str, InstanceHealthCheck] = {}
         for n in range(vms):
             uuid = f"00000000-0000-4000-8000-{n:012d}"
             http = http_every and n % http_every == 0
             pool = peer["http"] if http else peer["tcp"]
-            targets[uuid] = tuple(pool[n % len(pool)])  # type: ignore[assignment]
+            host, port = pool[n % len(pool)]
+            addresses.learn(uuid, docker_ports=[f"{host}:{port}:80/tcp"])
             checks[uuid] = InstanceHealthCheck.model_validate({
                 "port": 80, "interval": interval_ms, "responseTimeout": 2000,
                 **({"requestLine": REQUEST_LINE} if http else {})})
@@ -84,7 +88,7 @@ async def probe(peer: dict[str, Any], vms: int, interval_ms: int, http_every: in
         def address_of(uuid: str, port: int) -> tuple[str, int] | None:
             nonlocal probes
             probes += 1
-            return targets.get(uuid)
+            return addresses(uuid, port)
 
         client = ControllerClient(peer["url"], "bench-agent", "secret", event_names=["ping"])
         reporter = HealthReporter(client_post(client, basic_auth(*HEALTH_KEYS)), HOST_UUID)

@@ -28,8 +28,8 @@ from tests.agent_harness import REPO, instance_event, running_agent, vm_instance
 from tests.controller_double import ControllerDouble
 from tests.libvirtd_fixtures import (
     SYSTEM_URI,
-    TEST_ROOT,
     cleanup_test_host,
+    new_test_root,
     system_connection,
 )
 from tests.test_e2e_guest import guest_manifest
@@ -82,10 +82,7 @@ async def booted_guest(name: str) -> AsyncIterator[BootedGuest]:
     from tests.guest.build import ensure_guest
 
     kernel_version = ensure_guest().kernel_version
-    token = uuid_module.uuid4().hex[:8]
-    root = TEST_ROOT / token
-    root.mkdir(parents=True, mode=0o755)
-    os.chmod(TEST_ROOT, 0o755)
+    token, root = new_test_root()
     pool = f"hmtest-{token}"
     try:
         image = guest_manifest(root / "images")

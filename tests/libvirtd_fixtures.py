@@ -47,13 +47,20 @@ def system_conn() -> Iterator[libvirt.virConnect]:
     conn.close()
 
 
-@pytest.fixture
-def host_dirs(system_conn: libvirt.virConnect) -> Iterator[dict[str, object]]:
-    """A private state dir, log dir and storage pool name; everything removed afterwards."""
+def new_test_root() -> tuple[str, Path]:
+    """(token, folder): a fresh folder under TEST_ROOT that qemu can traverse, and a token to
+    name the test's pool, ports table and the like after."""
     token = uuid.uuid4().hex[:8]
     root = TEST_ROOT / token
     root.mkdir(parents=True, mode=0o755)
     os.chmod(TEST_ROOT, 0o755)
+    return token, root
+
+
+@pytest.fixture
+def host_dirs(system_conn: libvirt.virConnect) -> Iterator[dict[str, object]]:
+    """A private state dir, log dir and storage pool name; everything removed afterwards."""
+    token, root = new_test_root()
     pool = f"hmtest-{token}"
     yield {"state_dir": root / "state", "log_dir": root / "log", "storage_pool": pool}
     cleanup_test_host(system_conn, root, pool)

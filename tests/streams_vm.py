@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from tests.agent_harness import instance_event, running_agent, vm_instance
 from tests.controller_double import ControllerDouble
 from tests.libvirtd_fixtures import (
     SYSTEM_URI,
-    TEST_ROOT,
     cleanup_test_host,
+    new_test_root,
     system_connection,
 )
 from tests.test_e2e_guest import guest_manifest, wait_for
@@ -56,10 +55,7 @@ async def net_guest(name: str, userdata: str, *, ready_marker: str, **settings: 
     """`settings` are more agent settings (AgentConfig fields), e.g. metrics_listen."""
     if os.geteuid() != 0:
         pytest.skip("needs root for qemu:///system (run scripts/test as root, as CI does)")
-    token = uuid.uuid4().hex[:8]
-    root = TEST_ROOT / token
-    root.mkdir(parents=True, mode=0o755)
-    os.chmod(TEST_ROOT, 0o755)
+    token, root = new_test_root()
     pool = f"hmtest-{token}"
     dirs: dict[str, Any] = {"state_dir": root / "state", "log_dir": root / "log", "storage_pool": pool}
     try:

@@ -224,9 +224,6 @@ EFFECTS = [
     Effect("logConfig.driver", "03-kernel-command", "count(//serial/log)", 0.0),
     Effect("logConfig.driver", "09-security-restart", "string(//serial/log/@file)", lambda c: f"/var/log/herdsman/console/{_uuid(c)}.log"),
     Effect("logConfig.driver", "05-network-none", "string(//serial/log/@file)", lambda c: f"/var/log/herdsman/console/{_uuid(c)}.log"),
-    Effect("restartPolicy.name", "09-security-restart", "string(/domain/on_crash)", "restart"),
-    Effect("restartPolicy.name", "12-cattle-activate-event", "string(/domain/on_crash)", "restart"),
-    Effect("restartPolicy.name", "05-network-none", "string(/domain/on_crash)", "destroy"),
     Effect("securityOpt", "09-security-restart", "string(/domain/seclabel/@type)", "none"),
 ]
 
@@ -258,6 +255,8 @@ NO_EFFECT = [
     NoEffect("healthCheck", "11-cattle-instance", "probes run by the agent from the host", ("golden-http-check", "8089", "/healthz")),
     NoEffect("healthCheck", "12-cattle-activate-event", "probes run by the agent from the host"),
     NoEffect("restartPolicy.maximumRetryCount", "12-cattle-activate-event", "counted by the agent's restart loop", (), 0),
+    NoEffect("restartPolicy.name", "09-security-restart", "applied by the agent; every crash stops the domain", (), "no"),
+    NoEffect("restartPolicy.name", "05-network-none", "applied by the agent; every crash stops the domain", (), "always"),
     NoEffect("registryCredentialId", "11-cattle-instance", "credentials for the image download", ("1rc9",)),
     NoEffect("startOnCreate", "02-disk-image-implied-root", "whether the agent starts the defined domain", (), True),
     NoEffect("userdata", "02-disk-image-implied-root", "cloud-init seed content; only its digest is kept", ("golden-userdata-marker",)),

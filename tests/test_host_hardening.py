@@ -11,7 +11,6 @@ import os
 import shutil
 import stat
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from tests.agent_harness import AgentProcess, instance_event, ping, ping_instances, vm_instance
 from tests.controller_double import ControllerDouble
-from tests.libvirtd_fixtures import SYSTEM_URI, TEST_ROOT, cleanup_test_host, needs_libvirtd
+from tests.libvirtd_fixtures import SYSTEM_URI, cleanup_test_host, needs_libvirtd, new_test_root
 from tests.test_e2e_guest import guest_manifest, wait_for
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest, needs_libvirtd, pytest.mark.timeout(900)]
@@ -56,10 +55,7 @@ class Site:
 
 @pytest.fixture
 async def site() -> AsyncIterator[Site]:
-    token = uuid.uuid4().hex[:8]
-    root = TEST_ROOT / token
-    root.mkdir(parents=True, mode=0o755)
-    os.chmod(TEST_ROOT, 0o755)
+    token, root = new_test_root()
     conn = libvirt.open(SYSTEM_URI)
     ctl = ControllerDouble()
     await ctl.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import base64
 import http.server
 import itertools
 import json
@@ -80,6 +81,9 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return {p.name: p for p in d.iterdir()} | {"dir": d}
 
 
+BASIC_AUTH = "Basic " + base64.b64encode(b"herd:s3cret").decode()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
@@ -89,6 +93,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.hits[self.path] += 1
         mode, _, rel = self.path.lstrip("/").partition("?")[0].partition("/")
+        if mode == "auth" and self.headers.get("Authorization") != BASIC_AUTH:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="images"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if mode == "redirect":
             self.send_response(302)
             self.send_header("Location", f"/files/{rel}")
@@ -106,7 +116,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         try:
-            if mode == "files":
+            if mode in ("files", "auth"):
                 self.wfile.write(body)
             elif mode == "drop":  # half of it, then the connection is cut
                 self.wfile.write(body[: len(body) // 2])
@@ -341,6 +351,21 @@ async def test_unreachable_and_missing_urls_are_image_errors(host, server):
     with pytest.raises(ImageError, match="No such file"):
         await host.cache.ensure_disk_image(host.conn, parse_image_ref("file:///nonexistent/disk.qcow2"))
     assert host.leftovers() == []
+
+
+@needs_libvirtd
+async def test_a_private_image_server_gets_the_credentials_of_the_url_and_they_are_never_shown(host, images, server):
+    """registryCredentialId carries no secret; a private server's credentials go in the URL."""
+    digest = sha256(images["disk.raw"].read_bytes())
+    with pytest.raises(ImageError, match="HTTP 401") as refused:
+        await host.cache.ensure_disk_image(host.conn, parse_image_ref(server.url("auth/disk.raw")))
+    url = server.url("auth/disk.raw").replace("http://", "http://herd:s3cret@")
+    with pytest.raises(ImageError) as wrong:
+        await host.cache.ensure_disk_image(host.conn, parse_image_ref(url.replace("s3cret", "wrong")))
+    assert "wrong" not in str(wrong.value) and "herd" not in str(refused.value)
+    assert host.leftovers() == []  # refused downloads leave nothing
+    base = await host.cache.ensure_disk_image(host.conn, parse_image_ref(url), checksum=digest)
+    assert sha256(Path(base.path).read_bytes()) == digest
 
 
 @needs_libvirtd

@@ -25,7 +25,6 @@ from tests.controller_double import ControllerDouble
 from tests.guest.build import ensure_guest
 from tests.hosts.env import HostsEnv
 from tests.hosts.fixture import hosts_env  # noqa: F401 (fixture)
-from tests.hosts.host import Host
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest, pytest.mark.timeout(600)]
 
@@ -80,13 +79,6 @@ class SlowImage:
             await self.runner.cleanup()
 
 
-def restart_libvirtd(host: Host) -> None:
-    """Kill the host's libvirtd and start it again (its qemu processes live on)."""
-    host.run(["sh", "-c", "pid=$(cat /run/libvirt/libvirtd.pid); kill $pid; "
-              "while kill -0 $pid 2>/dev/null; do sleep 0.05; done; "
-              "libvirtd -d --listen -p /run/libvirt/libvirtd.pid"])
-
-
 @pytest.fixture
 async def controller(hosts_env: HostsEnv) -> AsyncIterator[ControllerDouble]:  # noqa: F811
     ctl = ControllerDouble()
@@ -124,7 +116,7 @@ async def test_a_libvirtd_restart_during_an_activate(hosts_env: HostsEnv,  # noq
         pending = asyncio.ensure_future(instance_event(ctl, "activate", starting, timeout=300))
         await asyncio.wait_for(image.serving_initrd.wait(), 60)
         # ...when libvirtd restarts
-        restart_libvirtd(b)
+        b.restart_libvirtd()
         image.slow.clear()
         reply = await pending
         deadline = time.monotonic() + 120

@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest_asyncio
 from drivers.ports import localnet
 from tests.agent_harness import AgentProcess, instance_event, ping, ping_instances, vm_instance
 from tests.controller_double import ControllerDouble
-from tests.libvirtd_fixtures import SYSTEM_URI, TEST_ROOT, cleanup_test_host, system_connection
+from tests.libvirtd_fixtures import SYSTEM_URI, cleanup_test_host, new_test_root, system_connection
 from tests.ports_fixtures import (
     drop_table,
     fetch,
@@ -145,10 +144,7 @@ async def host() -> AsyncIterator[Host]:
     network = conn.networkLookupByName("default")
     bridge = network.bridgeName()
     gateway = ElementTree.fromstring(network.XMLDesc(0)).find("ip").get("address")
-    token = uuid.uuid4().hex[:8]
-    root = TEST_ROOT / token
-    root.mkdir(parents=True, mode=0o755)
-    os.chmod(TEST_ROOT, 0o755)
+    token, root = new_test_root()
     dirs: dict[str, Any] = {"state_dir": root / "state", "log_dir": root / "log", "storage_pool": f"hmtest-{token}"}
     table = f"hmt_{token}"
     localnet_before = localnet.route_localnet(bridge)

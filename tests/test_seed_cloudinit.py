@@ -1,11 +1,10 @@
 """Our seed documents read by cloud-init's own code: its user-data processor and part
 merger, its YAML loader and its network-config parser.
 
-cloud-init is not a PyPI package. These tests run when `python3` on PATH (or
-HERDSMAN_CLOUDINIT_PYTHON) can import it: installed (`apt-get install cloud-init`), or
-unpacked without installing (`apt-get download cloud-init && dpkg-deb -x cloud-init_*.deb
-DIR`, then HERDSMAN_CLOUDINIT_PATH=DIR/usr/lib/python3/dist-packages). That python needs
-cloud-init's own dependencies (PyYAML, jsonpatch, jinja2, requests); otherwise they skip.
+cloud-init is not a PyPI package: tests/guest/cloudinit.py unpacks Debian's package (never
+installed) and its code runs in this environment, which has the imports it needs (the test
+extras). HERDSMAN_CLOUDINIT_PYTHON / HERDSMAN_CLOUDINIT_PATH point at another python and
+cloud-init tree instead (e.g. a newer cloud-init).
 """
 
 from __future__ import annotations
@@ -13,15 +12,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
+import sys
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
 
-import pytest
-
 from drivers.libvirt.seed import SeedInputs, render_seed_files
+from tests.guest.cloudinit import ensure_cloudinit
 
 UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 HOSTS = (("db", "10.0.0.5"),)
@@ -72,17 +70,9 @@ else:
 
 
 def _python() -> tuple[str, dict[str, str]]:
-    python = os.environ.get("HERDSMAN_CLOUDINIT_PYTHON") or shutil.which("python3")
-    if python is None:
-        pytest.skip("no python3 on PATH")
+    python = os.environ.get("HERDSMAN_CLOUDINIT_PYTHON") or sys.executable
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    extra = os.environ.get("HERDSMAN_CLOUDINIT_PATH")
-    if extra:
-        env["PYTHONPATH"] = extra
-    probe = subprocess.run([python, "-c", "import cloudinit.user_data, jsonpatch"], env=env,
-                           capture_output=True, timeout=60, check=False)
-    if probe.returncode != 0:
-        pytest.skip("cloud-init is not importable (see this module's docstring)")
+    env["PYTHONPATH"] = os.environ.get("HERDSMAN_CLOUDINIT_PATH") or str(ensure_cloudinit())
     return python, env
 
 

@@ -133,6 +133,10 @@ class HealthMonitor:
         watch = self._watches.get(instance_uuid)
         return None if watch is None or watch.paused else watch.tracker.state
 
+    def watching(self, instance_uuid: str) -> bool:
+        """Whether the VM is watched, running or stopped on its own (`stopped`)."""
+        return instance_uuid in self._watches
+
     def snapshot(self) -> dict[str, Health]:
         return {uuid: watch.tracker.state for uuid, watch in self._watches.items() if not watch.paused}
 

@@ -128,7 +128,9 @@ class RestartRunner:
                     return
                 decision = decide(facts.policy, record, cause, at)
                 if not decision.restart:
-                    level = logging.WARNING if "maximumRetryCount" in decision.reason else logging.INFO
+                    level = (logging.WARNING if "maximumRetryCount" in decision.reason
+                             else logging.DEBUG if record.stopped_by_controller  # the usual: its own stop
+                             else logging.INFO)
                     self._log.log(level, "not restarting a stopped VM", extra={
                         "instanceUuid": uuid, "cause": cause, "reason": decision.reason,
                         "restartCount": record.restart_count})
@@ -139,15 +141,16 @@ class RestartRunner:
                 self._log.info("restarting a stopped VM", extra={
                     "instanceUuid": uuid, "cause": cause, "reason": decision.reason,
                     "restartCount": record.restart_count, "delay": round(delay, 3)})
-            await self._start(uuid, record, delay)
+            await self._start(uuid, record, delay, cause)
         except asyncio.CancelledError:
             raise
         except Exception:  # the driver failed: the next event or adoption tries again
             self._log.exception("restart policy failed", extra={"instanceUuid": uuid})
 
-    async def _start(self, uuid: str, record: RestartRecord, delay: float) -> None:
-        retry = max(delay, 1.0)
+    async def _start(self, uuid: str, record: RestartRecord, delay: float, cause: StopCause | None) -> None:
+        retry, waited = max(delay, 1.0), 0.0
         while True:
+            waited += delay
             await asyncio.sleep(delay)
             try:
                 started = await self._target.start_for_policy(uuid, record)
@@ -161,7 +164,8 @@ class RestartRunner:
                                extra={"instanceUuid": uuid})
                 return
             self._log.info("VM restarted by its restart policy", extra={
-                "instanceUuid": uuid, "restartCount": record.restart_count})
+                "instanceUuid": uuid, "cause": cause, "attempt": record.restart_count,
+                "delay": round(waited, 3)})
             if self._on_restarted is not None:
                 self._on_restarted(uuid)
             return

@@ -54,6 +54,7 @@ from drivers.libvirt.migration.presence import incoming_domains
 from drivers.libvirt.migration.service import MigrationService, SourceHost
 from drivers.libvirt.own_events import OwnEvents
 from drivers.libvirt.provision import Provisioner
+from drivers.libvirt.restart_ops import RestartOps
 from drivers.libvirt.published_ports import PublishedPorts
 from drivers.libvirt.stream_access import StreamAccess
 from drivers.ports.publisher import PortPublisher
@@ -109,6 +110,8 @@ class LibvirtDriver:
         self.migrations = MigrationService(SourceHost(
             connection=self._connection, lock=lambda uuid: self._locks[uuid], require=self._require,
             purge=self.provisioner.purge, forget=self._forget, state_dir=policy.layout.state_dir), logger=self._log)
+        self.restarts = RestartOps(locks=self._locks, call=self._call, lookup=self._lookup,
+                                   registry=lambda: self._registry, own=self._own, logger=self._log)
 
     # -- connection and adoption -----------------------------------------------------------
     async def start(self) -> None:
@@ -194,6 +197,7 @@ class LibvirtDriver:
         self.migrations.presence.adopt_incoming(await threads.call(incoming_domains, conn, list(self._registry)))
         await self._read_states()
         self._adopted.set()
+        self._spawn(self.restarts.adopt(conn))  # in the background: pending restarts, VMs found shut off
         self._log.info(
             "adopted managed domains",
             extra={"count": len(self._registry), "seconds": round(time.monotonic() - started, 3)},
@@ -247,10 +251,13 @@ class LibvirtDriver:
             self._states.apply(event.uuid, "undefined")
         if verdict != "report" or event.status is None:
             return
-        if event.event != "undefined" and (self._locks[event.uuid].locked() or self._own.consume(event.uuid, event.status)):
+        own = event.event != "undefined" and self._own.consume(event.uuid, event.status)
+        if not own:  # the policy's record tells a stop the controller asked for (lock held or not)
+            self.restarts.on_event(event)
+        if own or (event.event != "undefined" and self._locks[event.uuid].locked()):
             return  # the agent's own operation: its reply reports the state (container events are for changes on the host)
         host_event = HostEvent(instance_uuid=event.uuid, external_id=event.uuid, status=event.status,
-                               timestamp=event.timestamp)
+                               timestamp=event.timestamp, cause=event.cause)
         for listener in self._event_listeners:
             listener(host_event)
 
@@ -376,6 +383,11 @@ class LibvirtDriver:
         names = {uuid: meta.spec.get("name") for uuid, meta in self._registry.items()}
         return await self._call(stats.collect, self._connection(), names, lane="query", timeout=_QUERY_TIMEOUT)
 
+    def stored_spec(self, instance_uuid: str) -> dict[str, Any] | None:
+        """The spec kept in the VM's metadata as the agent last defined it (None: not ours)."""
+        meta = self._registry.get(instance_uuid)
+        return None if meta is None else meta.spec
+
     async def get_vm(self, instance_uuid: str) -> VmRecord:
         return await self._call(self._current, instance_uuid, lane="query")
 
@@ -450,6 +462,7 @@ class LibvirtDriver:
                     raise exc if isinstance(exc, DriverError) else DriverError(domain_ops.libvirt_message(exc)) from None
                 restart_required = was_running
                 self._registry[uuid] = domain.metadata
+            await (self.restarts.controller_starts if start else self.restarts.controller_defines)(uuid, dom)
             if start:
                 self._own.expect(uuid, "start")
                 try:
@@ -466,6 +479,7 @@ class LibvirtDriver:
     async def start_vm(self, instance_uuid: str) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
+            await self.restarts.controller_starts(instance_uuid, dom)
             self._own.expect(instance_uuid, "start")
             await self._call(domain_ops.start_if_stopped, dom)
             return await self._fresh_record(dom, instance_uuid)
@@ -473,6 +487,7 @@ class LibvirtDriver:
     async def stop_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
+            await self.restarts.controller_stops(instance_uuid, dom)
             await self._stop(dom, timeout)
             return await self._fresh_record(dom, instance_uuid)
 
@@ -482,7 +497,9 @@ class LibvirtDriver:
     async def restart_vm(self, instance_uuid: str, timeout: float) -> VmRecord:
         async with self._locks[instance_uuid]:
             dom = await self._call(self._require, instance_uuid)
+            await self.restarts.controller_stops(instance_uuid, dom)
             await self._stop(dom, timeout)
+            await self.restarts.controller_starts(instance_uuid, dom)
             self._own.expect(instance_uuid, "start")
             await self._call(dom.create)
             return await self._fresh_record(dom, instance_uuid)
@@ -490,6 +507,7 @@ class LibvirtDriver:
     async def remove_vm(self, instance_uuid: str, timeout: float) -> None:
         """Stop (gracefully within timeout) and undefine; volumes, seed and log stay for purge."""
         async with self._locks[instance_uuid]:
+            self.restarts.controller_removes(instance_uuid)
             dom = await self._call(self._lookup, instance_uuid)
             if dom is None:
                 return

@@ -46,11 +46,12 @@ CMDLINE = "console=ttyS0 quiet panic=-1"
 PRUNE_AFTER_SECONDS = 3600
 # Everything the guest needs that the cloud kernel ships as modules (dependencies are
 # added automatically): virtio devices, the IDE cdrom that carries the seed on machine
-# `pc`, ISO9660, and the ACPI power button as an input device for acpid.
+# `pc`, ISO9660, the ACPI power button as an input device for acpid, and the ISA pvpanic
+# device (ACPI QEMU0001) so a kernel panic reaches libvirt as `crashed`.
 MODULES = (
     "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
     "virtio_scsi", "sd_mod", "ata_piix", "sr_mod", "isofs", "nls_utf8",
-    "button", "evdev", "ext4",
+    "button", "evdev", "ext4", "pvpanic_mmio",
 )
 HERE = Path(__file__).resolve().parent
 ROOTFS = HERE / "rootfs"
@@ -104,8 +105,8 @@ def ensure_guest(cache_dir: Path | str | None = None, *, rebuild: bool = False) 
     target = root / key
     if not rebuild and (image := _load(target)) is not None:
         return image
-    _make_dirs(root)
-    with _locked(root / ".lock"):
+    make_dirs(root)
+    with locked(root / ".lock"):
         if not rebuild and (image := _load(target)) is not None:
             return image  # another process built it while we waited
         for stale in root.glob(".build-*"):
@@ -114,7 +115,7 @@ def ensure_guest(cache_dir: Path | str | None = None, *, rebuild: bool = False) 
         work.mkdir(mode=0o755)
         try:
             debdir = root / "debs"
-            _make_dirs(debdir)
+            make_dirs(debdir)
             files = debs.download(packages, debdir)
             debs.prune(debdir, packages)
             out = work / "out"
@@ -239,7 +240,7 @@ def _prune(root: Path, keep: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _make_dirs(path: Path) -> None:
+def make_dirs(path: Path) -> None:
     """mkdir -p with 0755 for the folders we create, whatever the umask."""
     missing: list[Path] = []
     p = path
@@ -268,7 +269,7 @@ def _warn_if_hidden(directory: Path) -> None:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

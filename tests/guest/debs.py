@@ -29,11 +29,12 @@ class PackageError(RuntimeError):
 class Package:
     name: str
     version: str
+    arch: str = "amd64"  # "all" for architecture-independent packages (cloud-init)
 
     @property
     def deb_name(self) -> str:
         """The file name `apt-get download` gives it (':' in an epoch is URL-escaped)."""
-        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
 
 
 def _run(args: Sequence[str], cwd: Path | None = None) -> str:

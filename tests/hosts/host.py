@@ -102,6 +102,13 @@ class Host:
                                f"{(result.stderr or '').strip()}")
         return result
 
+    def restart_libvirtd(self) -> None:
+        """Stop the host's libvirtd and start it again, as a package upgrade does (its qemu
+        processes live on)."""
+        self.run(["sh", "-c", "pid=$(cat /run/libvirt/libvirtd.pid); kill $pid; "
+                  "while kill -0 $pid 2>/dev/null; do sleep 0.05; done; "
+                  "libvirtd -d --listen -p /run/libvirt/libvirtd.pid"])
+
     # -- state file -----------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:

@@ -7,13 +7,13 @@ from drivers.libvirt.domxml.model import Domain
 
 
 def configure(inp: RenderInput, dom: Domain) -> None:
-    policy = inp.spec.restart_policy
-    dom.on_poweroff = "destroy"  # a guest's own power-off is reported (stop), never undone here
-    dom.on_reboot = "restart"
-    # A kernel panic (seen through the pvpanic device) restarts the guest in place when the policy
-    # asks for restarts; otherwise the domain stops and the agent reports it as died.
-    restarts = policy is not None and policy.name in ("always", "on-failure", "unless-stopped")
-    dom.on_crash = "restart" if restarts else "destroy"
+    """Every stop ends the qemu process, whatever the restartPolicy: the agent applies the policy
+    (agent/restarts/), counted and with backoff. libvirt's `<on_crash>restart` would reset a
+    panicked guest in place, uncounted, without backoff, and unseen by maximumRetryCount."""
+    dom.on_poweroff = "destroy"  # a guest's own power-off is reported (stop); the policy decides
+    dom.on_reboot = "restart"  # a guest reboot is not a stop
+    # A kernel panic, seen through the pvpanic device, stops the domain as `crashed`.
+    dom.on_crash = "destroy"
     dom.panic = True
 
 

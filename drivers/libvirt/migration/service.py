@@ -192,6 +192,8 @@ class MigrationService:
                         on_progress=lambda p: self._emit(running, _progress(p)))
                     moved = result.outcome.verdict == "succeeded"
                 except (libvirt.libvirtError, DriverError) as exc:
+                    # which call failed matters (a dropped destination connection, see the report)
+                    self._log.warning("migration step failed", exc_info=True, extra={"uuid": uuid})
                     self._drop_destination(dest.libvirt_uri)
                     where = await self._where(src, uuid)
                     raise DriverError(f"the migration to {dest.libvirt_uri} failed: "

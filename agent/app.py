@@ -12,6 +12,7 @@ from agent.check.startup import log_host_checks
 from agent.config import AgentConfig, host_uuid, secret
 from agent.dispatcher import Dispatcher, Publish, Route
 from agent.handlers.compute import ComputeHandlers
+from agent.handlers.migrate import MigrateHandlers
 from agent.handlers.ping import PingHandler
 from agent.handlers.storage import StorageHandlers
 from agent.health.reporter import client_post
@@ -45,9 +46,14 @@ def build_driver(config: AgentConfig) -> LibvirtDriver:
                         vnc_secret=secret(config, "vnc"))
     threads.configure(workers=max(16, 2 * config.concurrency), timeout=config.libvirt_timeout)
     ports = port_publisher(config.libvirt_uri, port_range=config.port_range, table=config.ports_table)
-    return LibvirtDriver(config.libvirt_uri, policy=policy, domain_type=config.domain_type,
-                         logger=logging.getLogger("herdsman.libvirt"), open_timeout=min(30.0, config.libvirt_timeout),
-                         ports=ports)
+    driver = LibvirtDriver(config.libvirt_uri, policy=policy, domain_type=config.domain_type,
+                           logger=logging.getLogger("herdsman.libvirt"), open_timeout=min(30.0, config.libvirt_timeout),
+                           ports=ports)
+    driver.migrations.configure(max_outgoing=config.migration_max_outgoing, bandwidth=config.migration_bandwidth,
+                                progress_timeout=config.migration_progress_timeout,
+                                completion_timeout=config.migration_completion_timeout,
+                                postcopy=config.migration_postcopy)
+    return driver
 
 
 def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish: Publish,
@@ -55,6 +61,7 @@ def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish:
     compute = ComputeHandlers(driver, stop_timeout=config.stop_timeout)
     storage = StorageHandlers(driver, publish)
     ping = PingHandler(driver, host_uuid=host, storage_path=str(config.state_dir))
+    migrate = MigrateHandlers(driver, publish, host_uuid=host)
     streams = StreamActions(driver, host_uuid=host, secret=secret(config, "streams"),
                             base_url=stream_url or (lambda: config.stream_url))
     return {
@@ -67,6 +74,8 @@ def build_routes(driver: LibvirtDriver, config: AgentConfig, host: str, publish:
         "compute.instance.force.stop": Route(compute.force_stop, heavy=True),
         "compute.instance.inspect": Route(compute.inspect),
         "compute.instance.setlabels": Route(compute.setlabels),
+        "compute.instance.migrate": Route(migrate.migrate, serial=False),
+        "compute.instance.migrate.cancel": Route(migrate.cancel, serial=False),
         "compute.instance.console": Route(streams.console),
         "compute.instance.execute": Route(streams.execute),
         "compute.instance.logs": Route(streams.logs),

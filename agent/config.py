@@ -58,6 +58,16 @@ SETTINGS: dict[str, Setting] = {
     "stream_cert": Setting("--stream-cert", "HERDSMAN_STREAM_CERT", "PEM certificate (chain) for TLS on the stream server (wss://)"),
     "stream_key": Setting("--stream-key", "HERDSMAN_STREAM_KEY", "PEM private key of --stream-cert (default: in the certificate file)"),
     "metrics_listen": Setting("--metrics-listen", "HERDSMAN_METRICS_LISTEN", "HOST:PORT of the Prometheus /metrics endpoint (default: off)"),
+    "migration_max_outgoing": Setting("--migration-max-outgoing", "HERDSMAN_MIGRATION_MAX_OUTGOING",
+                                      "live migrations out of this host at once; more wait their turn (default 2)"),
+    "migration_bandwidth": Setting("--migration-bandwidth", "HERDSMAN_MIGRATION_BANDWIDTH",
+                                   "MiB/s one migration may use, 0 = no limit (default 0)"),
+    "migration_progress_timeout": Setting("--migration-progress-timeout", "HERDSMAN_MIGRATION_PROGRESS_TIMEOUT",
+                                          "seconds without a byte moved before a migration is aborted (default 30)"),
+    "migration_completion_timeout": Setting("--migration-completion-timeout", "HERDSMAN_MIGRATION_COMPLETION_TIMEOUT",
+                                            "seconds per GiB of RAM and copied disk a migration may take, at least 120 s in all (default 150)"),
+    "migration_postcopy": Setting("--migration-postcopy", "HERDSMAN_MIGRATION_POSTCOPY",
+                                  "true: switch a migration that does not converge to post-copy instead of aborting it; needs userfaultfd for qemu (default false)"),
     "controller_public_key": Setting("--controller-public-key", "HERDSMAN_CONTROLLER_PUBLIC_KEY",
                                      "PEM file, or http(s) URL fetched at start-up, of the key the controller signs stream tokens with"),
 }
@@ -101,6 +111,11 @@ class AgentConfig(BaseModel):
     stream_key: Path | None = None
     controller_public_key: str | None = None
     metrics_listen: str | None = None
+    migration_max_outgoing: int = Field(default=2, ge=1, le=64)
+    migration_bandwidth: int = Field(default=0, ge=0, le=1 << 20)
+    migration_progress_timeout: float = Field(default=30.0, gt=0, le=3600)
+    migration_completion_timeout: float = Field(default=150.0, gt=0, le=86400)
+    migration_postcopy: bool = False
 
     @property
     def health_keys(self) -> tuple[str, str]:

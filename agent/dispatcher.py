@@ -1,7 +1,8 @@
 """From websocket frames to handler runs and replies.
 
 Rules (cattle-protocol.md §1.4, §2): keepalive pings without replyTo are ignored; events on the
-same resource never run at the same time; a copy of an event that is still running (same
+same resource never run at the same time (except routes marked `serial=False`: a migration and
+its cancel); a copy of an event that is still running (same
 resource, name and data) is answered with the first run's outcome instead of running again;
 an event id seen in the last minute (Cattle re-publishes the same id on retry) gets the same
 reply again; heavy operations share a bounded pool; every failure becomes an error reply and
@@ -40,6 +41,9 @@ class HandlerError(Exception):
 class Route:
     handler: Handler
     heavy: bool = False
+    #: False: not queued behind other events on the same resource (a cancel must reach what it
+    #: cancels; a migration lasts minutes and serialises itself in the driver)
+    serial: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,10 @@ class Dispatcher:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._running[key] = future
         try:
-            outcome = await self._run_serialised(event, route, key[0])
+            if route.serial:
+                outcome = await self._run_serialised(event, route, key[0])
+            else:
+                outcome = await self._invoke(event, route)
         finally:
             self._running.pop(key, None)
         future.set_result(outcome)

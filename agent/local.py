@@ -1,4 +1,4 @@
-"""The local debug mode: `herdsman up/ls/start/stop/rm/logs` without a controller.
+"""The local debug mode: `herdsman up/ls/start/stop/rm/logs/migrate` without a controller.
 
 The same handlers and driver as `herdsman run` do the work; only the events are made here
 instead of arriving over the websocket. Defaults suit a laptop: qemu:///session and folders
@@ -201,6 +201,33 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    """Live-migrate a VM to another host (a libvirt URI, or a host name: qemu+tcp://HOST/system),
+    through the same driver path as compute.instance.migrate; progress on stderr."""
+    from agent.spec.migration import parse_migrate
+    from drivers.base import MigrationProgress
+
+    destination: dict[str, Any] = {"libvirtUri": args.host} if "://" in args.host else {"host": args.host}
+    if args.migration_uri:
+        destination["migrationUri"] = args.migration_uri
+    request = parse_migrate({"destination": destination})
+    async with LocalSession(local_config(args)) as session:
+        vm = await session.find(args.name)
+        last = [""]
+
+        def show(progress: MigrationProgress) -> None:
+            if progress.message != last[0]:
+                last[0] = progress.message
+                print(f"{vm.name or vm.instance_uuid}: {progress.message}", file=sys.stderr)
+
+        report = await session.driver.migrate_vm(vm.instance_uuid, request, show)
+    downtime = f", downtime {report.downtime_ms} ms" if report.downtime_ms is not None else ""
+    print(f"{vm.name or vm.instance_uuid}: migrated to {report.destination_uri} in {report.seconds:.1f} s{downtime}")
+    if report.cleanup_error:
+        print(f"warning: {report.cleanup_error}", file=sys.stderr)
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction, add_arguments: Any) -> None:
     def local(name: str, help_: str) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_)
@@ -227,3 +254,8 @@ def add_commands(sub: argparse._SubParsersAction, add_arguments: Any) -> None:
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
     logs.add_argument("--lines", "-n", type=int, default=100, help="how many of the last lines to print first (default 100)")
     logs.set_defaults(async_func=cmd_logs)
+    migrate = local("migrate", "live-migrate a running VM to another host (its disks are copied)")
+    migrate.add_argument("name", help="the VM's name or uuid")
+    migrate.add_argument("host", help="the destination: a libvirt URI (qemu+tcp://HOST/system) or a host name or address")
+    migrate.add_argument("--migration-uri", help="where QEMU sends the memory, tcp://ADDRESS[:PORT] (default: the host)")
+    migrate.set_defaults(async_func=cmd_migrate)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
+from agent.spec.migration import MigrateInput
 from agent.spec.vm import VirtualMachine
 
 VmState = Literal["running", "stopped", "paused", "crashed", "starting", "stopping"]
@@ -80,6 +81,38 @@ class Placement:
 
     macs: tuple[str, ...] = ()
     image: dict[str, Any] | None = None  # the event's image object: url, checksum, data
+
+
+# -- migration --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One look at a running (or queued) migration, for progress replies."""
+
+    phase: str  # queued, starting, disks, precopy, postcopy, aborting, ended
+    message: str  # one line: "precopy 63 %, 120 MiB left, 35.2 MiB/s, iteration 4"
+    percent: int | None = None
+    remaining_mib: float | None = None
+    rate_mib_s: float | None = None
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    """A migration that succeeded: the VM runs on the destination and is gone from here."""
+
+    instance_uuid: str
+    destination_uri: str
+    destination_host_uuid: str | None
+    seconds: float
+    downtime_ms: int | None = None
+    memory_mib: float | None = None
+    disk_mib: float | None = None
+    removed: tuple[str, ...] = ()  # the VM's files deleted here afterwards
+    cleanup_error: str | None = None
+
+
+MigrationProgressCallback = Callable[[MigrationProgress], Any]
 
 
 # -- streams: what the stream server gets from a driver ------------------------------------------
@@ -164,6 +197,11 @@ class Hypervisor(Protocol):
     async def set_labels(self, instance_uuid: str, labels: dict[str, str]) -> VmRecord: ...
     async def ensure_image(self, reference: str, checksum: str | None,
                            progress: Callable[[int, str], Any] | None = None) -> dict[str, Any]: ...
+
+    # migration (drivers/libvirt/migration/service.py)
+    async def migrate_vm(self, instance_uuid: str, request: MigrateInput,
+                         progress: MigrationProgressCallback | None = None) -> MigrationReport: ...
+    async def cancel_migration(self, instance_uuid: str) -> bool: ...
 
     # streams
     async def require_vm(self, instance_uuid: str) -> None: ...

@@ -43,6 +43,7 @@ class _Subscriber:
     transport: asyncio.Transport | None
     event_names: list[str]
     keepalive: asyncio.Task[None] | None = field(default=None)
+    peer: str | None = None  # the agent's address (tests with one agent per test host)
 
 
 class ControllerDouble:
@@ -154,15 +155,18 @@ class ControllerDouble:
         event.update(extra)
         return event
 
-    async def send(self, event: dict[str, Any]) -> int:
-        """Send one event as a text frame to every subscriber; returns how many got it."""
-        return await self.send_raw(json.dumps(event))
+    async def send(self, event: dict[str, Any], *, to: str | None = None) -> int:
+        """Send one event as a text frame to every subscriber (or those connected from address
+        `to`, as Cattle sends a host's events to that host's agent); returns how many got it."""
+        return await self.send_raw(json.dumps(event), to=to)
 
-    async def send_raw(self, text: str | bytes) -> int:
+    async def send_raw(self, text: str | bytes, *, to: str | None = None) -> int:
         """Send a text frame with exactly this payload (bytes are not checked for UTF-8)."""
         payload = text.encode("utf-8") if isinstance(text, str) else text
         sent = 0
         for sub in list(self._subscribers):
+            if to is not None and sub.peer != to:
+                continue
             try:
                 await sub.ws.send_frame(payload, WSMsgType.TEXT)
                 sent += 1
@@ -172,13 +176,13 @@ class ControllerDouble:
 
     async def request(self, name: str, data: dict[str, Any] | None = None, *,
                       resource_type: str | None = None, resource_id: str | None = None,
-                      timeout: float = 30.0, event_id: str | None = None,
+                      timeout: float = 30.0, event_id: str | None = None, to: str | None = None,
                       **extra: Any) -> dict[str, Any]:
         """Send a request and return its final reply (progress replies are kept aside)."""
         extra.setdefault("timeoutMillis", int(timeout * 1000))
         event = self.make_event(name, data, resource_type=resource_type,
                                 resource_id=resource_id, event_id=event_id, **extra)
-        if not await self.send(event):
+        if not await self.send(event, to=to):
             raise RuntimeError(f"no subscriber is connected to receive {name!r}")
         return await self.wait_reply(event, timeout)
 
@@ -270,7 +274,7 @@ class ControllerDouble:
         await ws.prepare(request)
         transport = request.transport
         sub = _Subscriber(ws, transport if isinstance(transport, asyncio.Transport) else None,
-                          list(names))
+                          list(names), peer=request.remote)
         self._subscribers.add(sub)
         self.subscriptions.append(list(names))
         if self.keepalive_interval:

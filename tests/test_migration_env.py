@@ -223,7 +223,8 @@ async def test_a_cut_link_is_aborted_by_the_watchdog_and_the_vm_stays_on_the_sou
                                Destination(libvirt_uri=b.tcp_uri, migration_address=b.migration_address),
                                options, on_progress=on_progress,
                                release=lambda: a.run(sockets.drop_command(b.migration_address)).stdout)
-        assert cut_at, "the migration never reached pre-copy"
+        assert cut_at, (f"the migration never reached pre-copy: {result.outcome}, error {result.error!r}, "
+                        f"reason {result.reason!r}, progress {[p.message() for p in result.progress][-5:]}")
         assert result.outcome.verdict == "failed", result.outcome
         assert result.reason is not None and result.reason.startswith("stalled: no data moved")
         assert result.aborted_at is not None

@@ -66,6 +66,18 @@ def test_a_slow_start_does_not_trip_the_watchdog() -> None:
     assert monitor.phase == "precopy"
 
 
+def test_a_destination_slower_to_start_than_the_watchdog_is_waited_for() -> None:
+    """On a busy host the destination's QEMU took longer to start than a short progress timeout
+    (the cut-link test's 6 s): nothing can move before, so that is not a stall; a stall once
+    data flows still is, counted from the last byte moved."""
+    monitor = Monitor(MigrationOptions(progress_timeout=6), moved_bytes=RAM, started=0.0)
+    starting = [JobSample(t=t, job_type=RUNNING) for t in every(0.5, 20)]
+    copying = [sample(t, moved=MIB * (t - 20), remaining=RAM - MIB * (t - 20)) for t in every(0.5, 24, 20.5)]
+    frozen = [sample(t, moved=4 * MIB, remaining=RAM - 4 * MIB) for t in every(0.5, 40, 24.5)]
+    acted = replay(monitor, starting + copying + frozen)
+    assert [(t, d.action) for t, d in acted] == [(30.0, "abort")]
+
+
 def test_disk_copy_then_memory_are_both_progress() -> None:
     monitor = Monitor(MigrationOptions(progress_timeout=5), moved_bytes=RAM + 64 * MIB, started=0.0)
     disks = [JobSample(t=t, job_type=RUNNING, data_total=64 * MIB, data_remaining=int(64 * MIB - 8 * MIB * t),

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import libvirt
 
 from agent.spec.image import parse_image_ref
+from agent.spec.migration import MigrateInput
 from agent.spec.vm import VirtualMachine
 from drivers.base import (
     ConsoleViewer,
@@ -30,6 +31,8 @@ from drivers.base import (
     GuestCommand,
     GuestNetwork,
     HostEvent,
+    MigrationProgressCallback,
+    MigrationReport,
     NotFound,
     Placement,
     Unavailable,
@@ -47,6 +50,8 @@ from drivers.libvirt.domxml.writer import to_xml
 from drivers.libvirt.events import LifecycleEvent
 from drivers.libvirt.host_dirs import HostDirError
 from drivers.libvirt.host_profile import HostProfile
+from drivers.libvirt.migration.presence import incoming_domains
+from drivers.libvirt.migration.service import MigrationService, SourceHost
 from drivers.libvirt.own_events import OwnEvents
 from drivers.libvirt.provision import Provisioner
 from drivers.libvirt.restart_ops import RestartOps
@@ -102,6 +107,9 @@ class LibvirtDriver:
         self.ports = PublishedPorts(ports, network=policy.network or None, logger=self._log)
         self.streams = StreamAccess(self, network=policy.network if policy.network else None, logger=self._log)
         self._address_task: asyncio.Task[None] | None = None
+        self.migrations = MigrationService(SourceHost(
+            connection=self._connection, lock=lambda uuid: self._locks[uuid], require=self._require,
+            purge=self.provisioner.purge, forget=self._forget, state_dir=policy.layout.state_dir), logger=self._log)
         self.restarts = RestartOps(locks=self._locks, call=self._call, lookup=self._lookup,
                                    registry=lambda: self._registry, own=self._own, logger=self._log)
 
@@ -127,6 +135,7 @@ class LibvirtDriver:
         if self._address_task is not None:
             self._address_task.cancel()
         self.streams.close()
+        await self.migrations.close()
         await self.ports.close()
         for task in list(self._background):
             task.cancel()
@@ -185,6 +194,7 @@ class LibvirtDriver:
                 self._log.warning(warning)
         started = time.monotonic()
         self._registry = await threads.call(inventory.adopt_all, conn)
+        self.migrations.presence.adopt_incoming(await threads.call(incoming_domains, conn, list(self._registry)))
         await self._read_states()
         self._adopted.set()
         self._spawn(self.restarts.adopt(conn))  # in the background: pending restarts, VMs found shut off
@@ -235,7 +245,11 @@ class LibvirtDriver:
             return
         if event.event == "undefined":
             self._registry.pop(event.uuid, None)
-        if event.status is None:
+        verdict = self.migrations.presence.on_event(event)  # a migration's events are not the host's
+        if verdict == "drop":  # an incoming migration that failed: never ours here
+            self._forget(event.uuid)
+            self._states.apply(event.uuid, "undefined")
+        if verdict != "report" or event.status is None:
             return
         own = event.event != "undefined" and self._own.consume(event.uuid, event.status)
         if not own:  # the policy's record tells a stop the controller asked for (lock held or not)
@@ -354,7 +368,7 @@ class LibvirtDriver:
         records = []
         for uuid, meta in self._registry.items():
             state = self._states.get(uuid)
-            if state is None:
+            if state is None or self.migrations.presence.hidden(uuid):
                 continue
             records.append(VmRecord(
                 instance_uuid=uuid, external_id=uuid, state=state,
@@ -519,6 +533,18 @@ class LibvirtDriver:
             await self._call(domain_ops.set_metadata_element, dom, updated)
             self._registry[instance_uuid] = updated
             return await self._fresh_record(dom, instance_uuid)
+
+    # -- migration (drivers/libvirt/migration/service.py) ------------------------------------------
+    async def migrate_vm(self, instance_uuid: str, request: MigrateInput,
+                         progress: MigrationProgressCallback | None = None) -> MigrationReport:
+        return await self.migrations.migrate(instance_uuid, request, progress)
+
+    async def cancel_migration(self, instance_uuid: str) -> bool:
+        return self.migrations.cancel(instance_uuid)
+
+    def _forget(self, uuid: str) -> None:
+        self._registry.pop(uuid, None)
+        self.addresses.forget(uuid)
 
     # -- streams (drivers.base: console, exec, logs and proxy go through here) --------------------
     async def domain(self, instance_uuid: str) -> libvirt.virDomain:

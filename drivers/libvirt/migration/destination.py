@@ -29,7 +29,7 @@ import libvirt
 from lxml import etree
 
 from drivers.libvirt.migration import volumes
-from drivers.libvirt.migration.disks import DiskInfo, copied_disks, domain_disks, required_files, unsupported
+from drivers.libvirt.migration.disks import DiskInfo, copied_disks, domain_disks, log_folders, required_files, unsupported
 from drivers.libvirt.migration.volumes import PreparationError, VolumeFacts
 
 SMALL = 4 << 20  # files up to this size are compared byte for byte
@@ -64,6 +64,8 @@ def prepare(src: libvirt.virConnect, dst: libvirt.virConnect, xml: str) -> Prepa
     try:
         for path in required_files(xml):
             ensure_file(src, dst, path, done)
+        for folder in log_folders(xml):
+            _make_folder(src, dst, folder, done)
         for disk in copied_disks(disks):
             create_disk(src, dst, disk, done)
     except BaseException:

@@ -9,6 +9,7 @@ the backing images of copied disks (INC copies only the top layer).
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 
 from lxml import etree
@@ -102,3 +103,11 @@ def unsupported(disks: list[DiskInfo]) -> list[str]:
         if not disk.copied and disk.source_type == "volume" and disk.has_source:
             problems.append(f"{disk.describe} is a read-only or shared pool volume: not supported")
     return problems
+
+
+def log_folders(xml: str) -> list[str]:
+    """Folders of the files character devices log to (the serial console's `<log file>`):
+    virtlogd on the destination creates the file, not its folder."""
+    root = etree.fromstring(xml.encode())
+    folders = [posixpath.dirname(el.get("file", "")) for el in root.findall("./devices/*/log")]
+    return list(dict.fromkeys(f for f in folders if f.startswith("/")))

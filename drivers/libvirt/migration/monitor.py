@@ -2,7 +2,8 @@
 
 Three concerns, kept apart because each one failed when mixed with another elsewhere:
 
-- **Liveness**: a watchdog on bytes moved (memory + disk processed), not on bytes remaining.
+- **Liveness**: a watchdog on bytes moved (memory + disk processed), not on bytes remaining,
+  from the moment data can flow (not while the destination is still starting its QEMU).
   Remaining is a sawtooth while a guest dirties memory, and it stands still during the disk
   copy's memory-free phases; that is why Nova's progress timeout gave random failures and was
   removed. Bytes moved only stop when nothing flows: a network cut. Then: abort, "stalled".
@@ -164,7 +165,9 @@ class Monitor:
         if self.phase in ("aborting", "ended"):
             return Decision("continue", progress)
 
-        if s.moved != self._last_moved:
+        if s.moved != self._last_moved or self.phase == "starting":
+            # "starting": the destination is still starting its QEMU, nothing can move yet (seconds
+            # on a busy host); a destination that never gets there meets the completion deadline
             self._last_moved, self._last_change = s.moved, s.t
         elif s.t - self._last_change >= self.options.progress_timeout:
             return self._abort(progress, f"stalled: no data moved for {s.t - self._last_change:.0f} s "

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import libvirt
 
-from drivers.libvirt.migration import destination, sockets
+from drivers.libvirt.migration import destination, destxml, sockets
 from drivers.libvirt.migration.disks import domain_disks
 from drivers.libvirt.migration.monitor import JobSample, Monitor, Progress
 from drivers.libvirt.migration.options import Destination, MigrationOptions
@@ -33,6 +33,10 @@ T = TypeVar("T")
 Blocking = Callable[[Callable[[], T]], Awaitable[T]]
 Release = Callable[[], str]
 STATS_TIMEOUT = 5.0  # libvirt waits 30 s for a busy job lock; we stop waiting sooner
+ABORT_WAIT = 5.0  # the abort call may hang with the frozen source (see _request_abort)
+#: a destination that does not answer this long once the job is over is taken as unreachable
+#: (with the link down a call would wait for TCP to give up: ~15 minutes)
+DEST_TIMEOUT = 30.0
 ACTIVE_JOB = libvirt.VIR_DOMAIN_JOB_UNBOUNDED
 ProgressCallback = Callable[[Progress], Awaitable[None] | None]
 
@@ -50,6 +54,9 @@ class MigrationResult:
     cleanup_error: str | None = None
     released: str | None = None  # sockets destroyed to free a source frozen by the abort
     aborted_at: float | None = None  # when the monitor decided to abort (the clock's time)
+    #: the destination stopped answering: what was prepared there (`prepared`) is still there
+    destination_unreachable: bool = False
+    prepared: destination.Prepared | None = None
 
 
 async def _to_thread(fn: Callable[[], T]) -> T:
@@ -74,6 +81,17 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
     xml = await run(lambda: dom.XMLDesc(0))
     call = build_call(options, domain_disks(xml), dest)
     prepared = await run(lambda: destination.prepare(src, dst, xml))
+    try:
+        paths = await run(lambda: destxml.volume_paths(dst, domain_disks(xml)))
+        if paths:  # see destxml: libvirt cannot find a volume disk on the destination by itself
+            live = await run(lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+            persistent = await run(lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE))
+            call = replace(call, params={**call.params,
+                                         libvirt.VIR_MIGRATE_PARAM_DEST_XML: destxml.with_file_disks(live, paths),
+                                         libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent})
+    except BaseException:
+        await run(lambda: destination.undo(dst, prepared))
+        raise
     memory = (await run(dom.maxMemory)) * 1024
     started = clock()
     monitor = Monitor(options, moved_bytes=memory + prepared.copied_bytes, started=started)
@@ -84,20 +102,38 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
                      abort_grace, release, clock)
     except BaseException:
         # never leave a migration running unwatched (Nova #1905944): abort it, then report
-        await asyncio.shield(run(lambda: _abort(dom, postcopy=monitor.phase == "postcopy")))
+        await _request_abort(dom, run, postcopy=monitor.phase == "postcopy")
         raise
 
-    result.outcome = await _settle(src, dst, uuid, run, clock, settle_timeout)
+    result.prepared = prepared
+    result.outcome, result.destination_unreachable = await _settle(src, dst, uuid, run, clock, settle_timeout)
     result.seconds = clock() - started
     if call_done.done():
         result.error = call_done.result()
     if result.outcome.verdict == "succeeded":
-        result.completed = await run(lambda: _completed_stats(dst, uuid))
+        try:
+            result.completed = await _bounded(run, lambda: _completed_stats(dst, uuid), DEST_TIMEOUT)
+        except TimeoutError:
+            pass  # the figures are a bonus
     elif result.outcome.verdict == "failed":
         if result.outcome.source_paused:
             await run(dom.resume)
-        result.cleanup_error = await _clean_destination(dst, uuid, prepared, run, clock, settle_timeout)
+        if result.destination_unreachable:
+            result.cleanup_error = ("the destination does not answer; left there for now: "
+                                    f"{', '.join(prepared.paths) or 'nothing'}")
+        else:
+            result.cleanup_error = await clean_destination(dst, uuid, prepared, run, clock, settle_timeout)
     return result
+
+
+async def _bounded(run: Blocking[T], fn: Callable[[], T], timeout: float) -> T:
+    """`fn` on the pool, waiting `timeout` at most (TimeoutError; the call finishes in its thread)."""
+    call = asyncio.ensure_future(run(fn))
+    try:
+        return await asyncio.wait_for(asyncio.shield(call), timeout)
+    except TimeoutError:
+        call.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
 
 
 async def _watch(dom: libvirt.virDomain, monitor: Monitor,
@@ -129,7 +165,7 @@ async def _watch(dom: libvirt.virDomain, monitor: Monitor,
             await pending
         if decision.action == "abort":
             result.reason, result.aborted_at = decision.reason, sample.t
-            await run(lambda: _abort(dom, postcopy=decision.in_postcopy))
+            await _request_abort(dom, run, postcopy=decision.in_postcopy)
             await _after_abort(dom, monitor, call_done, run, abort_grace, release, result, clock)
             return
         if decision.action == "postcopy":
@@ -210,6 +246,17 @@ def _job_stats(dom: libvirt.virDomain) -> dict[str, Any]:
         raise
 
 
+async def _request_abort(dom: libvirt.virDomain, run: Blocking[Any], *, postcopy: bool) -> None:
+    """Ask libvirt to abort, waiting ABORT_WAIT at most for the call: with a disk copy to an
+    unreachable destination, libvirtd's abortJob itself waits on the frozen QEMU until the
+    sockets are released (sockets.py), which `_after_abort` does only if we get there."""
+    call = asyncio.ensure_future(run(lambda: _abort(dom, postcopy=postcopy)))
+    try:
+        await asyncio.wait_for(asyncio.shield(call), ABORT_WAIT)
+    except TimeoutError:
+        call.add_done_callback(lambda f: f.cancelled() or f.exception())  # finishes on its own, later
+
+
 def _abort(dom: libvirt.virDomain, *, postcopy: bool) -> None:
     """Abort the job; in post-copy, pause it instead (both halves kept for POSTCOPY_RESUME)."""
     try:
@@ -237,27 +284,42 @@ def _completed_stats(dst: libvirt.virConnect, uuid: str) -> dict[str, Any]:
 
 
 async def _settle(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, run: Blocking[Any],
-                  clock: Callable[[], float], timeout: float) -> Outcome:
-    """The verdict once the switchover (both paused, post-copy) is over, or as it stands at timeout."""
+                  clock: Callable[[], float], timeout: float) -> tuple[Outcome, bool]:
+    """The verdict once the switchover (both paused, post-copy) is over, or as it stands at
+    timeout; and whether the destination stopped answering (then: the VM running here means the
+    migration failed; anything else cannot be told)."""
     deadline = clock() + timeout
     while True:
-        outcome = decide(await run(lambda: read_side(src, uuid)), await run(lambda: read_side(dst, uuid)))
+        source = await run(lambda: read_side(src, uuid))
+        try:
+            dest = await _bounded(run, lambda: read_side(dst, uuid), DEST_TIMEOUT)
+        except TimeoutError:
+            if source.running:
+                return Outcome("failed", "the migration failed; the VM still runs on the source "
+                                         "(the destination does not answer)"), True
+            if clock() >= deadline:
+                return Outcome("in-progress", "the destination does not answer and the VM no longer "
+                                              "runs here: an operator must look"), True
+            continue
+        outcome = decide(source, dest)
         if outcome.final or clock() >= deadline:
-            return outcome
+            return outcome, False
         await asyncio.sleep(0.2)
 
 
-async def _clean_destination(dst: libvirt.virConnect, uuid: str, prepared: destination.Prepared,
-                             run: Blocking[Any], clock: Callable[[], float], timeout: float) -> str | None:
+async def clean_destination(dst: libvirt.virConnect, uuid: str, prepared: destination.Prepared,
+                            run: Blocking[Any], clock: Callable[[], float], timeout: float) -> str | None:
     """Remove the destination's prepared files once its libvirtd has dropped the incoming domain."""
     deadline = clock() + timeout
     try:
-        while (await run(lambda: read_side(dst, uuid))).exists:
+        while (await _bounded(run, lambda: read_side(dst, uuid), DEST_TIMEOUT)).exists:
             if clock() >= deadline:
                 return (f"the destination still holds the incoming domain after {timeout:.0f} s; "
                         f"left in place: {', '.join(prepared.paths) or 'nothing'}")
             await asyncio.sleep(0.5)
         await run(lambda: destination.undo(dst, prepared))
+    except TimeoutError:
+        return f"the destination stopped answering; left there: {', '.join(prepared.paths) or 'nothing'}"
     except (libvirt.libvirtError, destination.PreparationError) as exc:
         return f"destination cleanup failed: {exc}"
     return None

@@ -1,0 +1,403 @@
+"""Migrations out of this host, as the driver runs them for `compute.instance.migrate`.
+
+Holds what lives longer than one call: the cap on concurrent outgoing migrations (`limits`),
+the migrations running or queued (so a cancel reaches one, and a repeated request attaches to
+it instead of starting a second), the connections to destination libvirtds, the agent's
+defaults (`--migration-*`), and the bookkeeping of half-present VMs (`presence`).
+
+One migration: under the VM's lock (no stop or start of it meanwhile), wait for a slot, open
+the destination, check its herdsman host uuid if the controller named one, then
+`runner.migrate` (prepare the destination, migrate, watch, verdict from both hosts). Success:
+the VM runs there and its definition (with herdsman's metadata) went with it; here its volumes,
+seed and console log are deleted (the disks were copied) and it is forgotten. Anything else:
+it still runs here (the runner removed what it made on the destination) and the error says
+why. Every libvirt call runs on the driver's worker pool; migrateToURI3 on a thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from agent.spec.migration import MigrateInput, MigrationSettings
+from drivers.base import DriverError, MigrationProgress, MigrationProgressCallback, MigrationReport
+from drivers.libvirt import domain_ops, threads
+from drivers.libvirt.migration import runner, volumes
+from drivers.libvirt.migration.limits import MigrationSlots
+from drivers.libvirt.migration.monitor import MIB, Progress
+from drivers.libvirt.migration.options import Destination, MigrationOptions
+from drivers.libvirt.migration.outcome import read_side
+from drivers.libvirt.migration.presence import Presence
+
+#: one libvirt step of a migration may take this long (preparing copies whole base images)
+CALL_TIMEOUT = 3600.0
+OPEN_TIMEOUT = 30.0
+UNDEFINE_WAIT = 30.0
+CLEAN_RETRY = 15.0  # a destination that stopped answering is tried again this often ...
+CLEAN_FOR = 3600.0  # ... for this long, to remove what was prepared there
+
+
+@dataclass(frozen=True)
+class SourceHost:
+    """What the service needs from the driver; the callables are blocking (worker threads)."""
+
+    connection: Callable[[], libvirt.virConnect]
+    lock: Callable[[str], asyncio.Lock]
+    require: Callable[[str], libvirt.virDomain]  # NotFound when not ours
+    purge: Callable[[libvirt.virConnect, str], list[str]]  # volumes, seed, console logs
+    forget: Callable[[str], None]  # the driver's registry and address book (on the loop)
+    state_dir: Path
+
+
+@dataclass(eq=False)
+class Running:
+    uuid: str
+    destination: str
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    listeners: list[MigrationProgressCallback] = field(default_factory=list)
+    last: MigrationProgress | None = None
+    started: bool = False
+    task: asyncio.Task[MigrationReport] | None = None
+
+
+class MigrationService:
+    def __init__(self, host: SourceHost, *, logger: logging.Logger | None = None) -> None:
+        self.host = host
+        self.defaults = MigrationOptions()
+        self.slots = MigrationSlots(2)
+        self.presence = Presence()
+        self._log = logger or logging.getLogger("herdsman.migration")
+        self._running: dict[str, Running] = {}
+        self._destinations: dict[str, libvirt.virConnect] = {}
+        self._finished: dict[str, MigrationReport] = {}  # moved away lately: a repeat gets this
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    def configure(self, *, max_outgoing: int, bandwidth: int, progress_timeout: float,
+                  completion_timeout: float, postcopy: bool) -> None:
+        """The agent's settings (--migration-*): defaults every request may override."""
+        self.slots.set_limit(max_outgoing)
+        self.defaults = self.defaults.model_copy(update={
+            "bandwidth": bandwidth, "progress_timeout": progress_timeout,
+            "completion_per_gib": completion_timeout, "postcopy": postcopy})
+
+    def options(self, settings: MigrationSettings) -> MigrationOptions:
+        update: dict[str, Any] = {}
+        if settings.bandwidth is not None:
+            update["bandwidth"] = settings.bandwidth
+        if settings.progress_timeout is not None:
+            update["progress_timeout"] = settings.progress_timeout
+        if settings.completion_timeout is not None:
+            update["completion_per_gib"] = settings.completion_timeout
+        if settings.postcopy is not None:
+            update["postcopy"] = settings.postcopy
+        if settings.auto_converge is not None:
+            update["auto_converge"] = settings.auto_converge
+        return MigrationOptions.model_validate({**self.defaults.model_dump(), **update})
+
+    def running(self, uuid: str) -> bool:
+        return uuid in self._running
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def migrate(self, uuid: str, request: MigrateInput,
+                      progress: MigrationProgressCallback | None = None) -> MigrationReport:
+        """Migrate `uuid` out; a request for a VM already migrating attaches to that migration."""
+        uri = request.destination.uri
+        self._finished = {u: r for u, r in self._finished.items() if self.presence.hidden(u)}
+        done = self._finished.get(uuid)
+        if done is not None and done.destination_uri == uri:
+            self._log.info("migration request repeats one that succeeded", extra={"uuid": uuid})
+            return done  # every event can arrive twice: the VM is already there
+        current = self._running.get(uuid)
+        if current is not None:
+            if current.destination != uri:
+                raise DriverError(f"virtual machine {uuid} is already migrating to {current.destination}; "
+                                  "cancel that first")
+            self._log.info("migration request attaches to the running one", extra={"uuid": uuid})
+            if progress is not None:
+                current.listeners.append(progress)
+                if current.last is not None:
+                    await _call_listener(progress, current.last, self._log)
+            return await self._outcome(current)
+        running = Running(uuid=uuid, destination=uri, listeners=[progress] if progress else [])
+        running.task = asyncio.get_running_loop().create_task(self._run(running, request), name=f"migrate {uuid}")
+        self._running[uuid] = running
+        running.task.add_done_callback(lambda _: self._running.pop(uuid, None)
+                                       if self._running.get(uuid) is running else None)
+        return await self._outcome(running)
+
+    async def _outcome(self, running: Running) -> MigrationReport:
+        assert running.task is not None
+        try:
+            return await asyncio.shield(running.task)
+        except asyncio.CancelledError:
+            if running.task.cancelled() and running.cancel.is_set():
+                raise DriverError(f"the migration of {running.uuid} was cancelled before it started; "
+                                  "the VM still runs on this host") from None
+            raise
+
+    def cancel(self, uuid: str) -> bool:
+        """Abort `uuid`'s migration (running: the monitor aborts it; queued: it never starts).
+        False when there is none. Too late in post-copy: the VM then finishes on the destination."""
+        running = self._running.get(uuid)
+        if running is None:
+            return False
+        running.cancel.set()
+        if not running.started and running.task is not None:
+            running.task.cancel()
+        self._log.info("migration cancel requested", extra={"uuid": uuid, "started": running.started})
+        return True
+
+    # -- one migration -------------------------------------------------------------------------
+
+    async def _run(self, running: Running, request: MigrateInput) -> MigrationReport:
+        uuid, target = running.uuid, request.destination
+        options = self.options(request.options)
+        dest = Destination(libvirt_uri=target.uri, migration_address=target.migration_address,
+                           migration_port=target.migration_port)
+        async with self.host.lock(uuid):
+            src = self.host.connection()
+            dom = await self._blocking(lambda: self.host.require(uuid))
+            state = (await self._blocking(lambda: dom.state(0)))[0]
+            if state != libvirt.VIR_DOMAIN_RUNNING:
+                raise DriverError(f"virtual machine {uuid} is not running here: only a running VM migrates live")
+
+            async def queued(ahead: int) -> None:
+                await self._emit(running, MigrationProgress(
+                    "queued", f"waiting for a migration slot ({self.slots.limit} at once; {ahead} ahead)"))
+
+            async with self.slots.slot(uuid, on_queued=queued):
+                running.started = True
+                if running.cancel.is_set():
+                    raise DriverError(f"the migration of {uuid} was cancelled before it started; "
+                                      "the VM still runs on this host")
+                self._log.info("migration starting", extra={"uuid": uuid, "destination": dest.libvirt_uri,
+                                                            "migrateUri": dest.migrate_uri})
+                dst = await self._destination(dest.libvirt_uri)
+                if target.host_uuid is not None:
+                    await self._check_host_uuid(dst, target.host_uuid, dest.libvirt_uri)
+                self.presence.start_out(uuid)
+                moved = False
+                try:
+                    result = await runner.migrate(
+                        src, dst, uuid, dest, options, blocking=self._blocking, cancel=running.cancel,
+                        on_progress=lambda p: self._emit(running, _progress(p)))
+                    moved = result.outcome.verdict == "succeeded"
+                except (libvirt.libvirtError, DriverError) as exc:
+                    # which call failed matters (a dropped destination connection, see the report)
+                    self._log.warning("migration step failed", exc_info=True, extra={"uuid": uuid})
+                    self._drop_destination(dest.libvirt_uri)
+                    where = await self._where(src, uuid)
+                    raise DriverError(f"the migration to {dest.libvirt_uri} failed: "
+                                      f"{_message(exc)}; {where}") from None
+                finally:
+                    self.presence.end_out(uuid, moved=moved)
+                if result.destination_unreachable:
+                    self._drop_destination(dest.libvirt_uri)  # a hung connection: never reused
+                    if result.outcome.verdict == "failed" and result.prepared is not None:
+                        self._clean_later(dest.libvirt_uri, uuid, result.prepared)
+                if not moved:
+                    raise DriverError(_failure(result, dest.libvirt_uri, cancelled=running.cancel.is_set()))
+                removed, cleanup_error = await self._clean_source(src, uuid)
+        completed = result.completed
+        report = MigrationReport(
+            instance_uuid=uuid, destination_uri=dest.libvirt_uri, destination_host_uuid=target.host_uuid,
+            seconds=round(result.seconds, 3), downtime_ms=completed.get("downtime"),
+            memory_mib=_mib(completed.get("memory_processed")), disk_mib=_mib(completed.get("disk_processed")),
+            removed=tuple(removed), cleanup_error=cleanup_error)
+        self._finished[uuid] = report
+        self._log.info("migration succeeded", extra={"uuid": uuid, "destination": dest.libvirt_uri,
+                                                     "seconds": report.seconds, "downtimeMs": report.downtime_ms})
+        return report
+
+    async def _clean_source(self, src: libvirt.virConnect, uuid: str) -> tuple[list[str], str | None]:
+        """After success: the domain is undefined (UNDEFINE_SOURCE; done here if libvirt has not
+        yet), then its volumes, seed and console log go. The disks were copied."""
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + UNDEFINE_WAIT
+            while (await self._blocking(lambda: read_side(src, uuid))).exists:
+                if loop.time() >= deadline:
+                    dom = await self._blocking(lambda: src.lookupByUUIDString(uuid))
+                    await self._blocking(lambda: domain_ops.undefine(dom))
+                    break
+                await asyncio.sleep(0.2)
+            removed = await self._blocking(lambda: self.host.purge(src, uuid))
+        except (libvirt.libvirtError, DriverError) as exc:
+            self._log.warning("migrated VM's files not removed from the source",
+                              extra={"uuid": uuid, "error": _message(exc)})
+            return [], f"its files here were not removed: {_message(exc)}"
+        finally:
+            self.host.forget(uuid)
+        return removed, None
+
+    async def _where(self, src: libvirt.virConnect, uuid: str) -> str:
+        try:
+            side = await self._blocking(lambda: read_side(src, uuid))
+        except (libvirt.libvirtError, DriverError) as exc:
+            return f"this host's libvirt cannot say where the VM is ({_message(exc)})"
+        if side.running:
+            return "the VM still runs on this host"
+        return "the VM is no longer running on this host: check the destination"
+
+    # -- destinations --------------------------------------------------------------------------
+
+    async def _destination(self, uri: str) -> libvirt.virConnect:
+        conn = self._destinations.get(uri)
+        if conn is not None:
+            try:
+                if await self._blocking(conn.isAlive, timeout=OPEN_TIMEOUT):
+                    return conn
+            except (libvirt.libvirtError, DriverError):
+                pass
+            self._drop_destination(uri)
+        try:
+            conn = await self._blocking(lambda: _open(uri), timeout=OPEN_TIMEOUT)
+        except (libvirt.libvirtError, DriverError) as exc:
+            raise DriverError(f"cannot reach the destination's libvirt at {uri}: {_message(exc)}") from None
+        self._destinations[uri] = conn
+        return conn
+
+    def _drop_destination(self, uri: str) -> None:
+        conn = self._destinations.pop(uri, None)
+        if conn is not None:
+            asyncio.get_running_loop().run_in_executor(None, _close_quietly, conn)
+
+    async def _check_host_uuid(self, dst: libvirt.virConnect, expected: str, uri: str) -> None:
+        """The destination's herdsman host uuid (`<state dir>/host-uuid` there, read over its
+        libvirt) must be the one the controller named."""
+        path = str(self.host.state_dir / "host-uuid")
+        try:
+            found = await self._blocking(lambda: _read_small_file(dst, path))
+        except (libvirt.libvirtError, DriverError) as exc:
+            raise DriverError(f"cannot read the destination's host uuid ({path} at {uri}): {_message(exc)}") from None
+        if found is None:
+            raise DriverError(f"{uri} runs no herdsman agent with this state dir ({path} is missing there)")
+        if found.strip() != expected:
+            raise DriverError(f"{uri} is host {found.strip()}, not {expected} as asked")
+
+    def _clean_later(self, uri: str, uuid: str, prepared: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._clean_when_back(uri, uuid, prepared),
+                                                      name=f"migration cleanup {uuid}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _clean_when_back(self, uri: str, uuid: str, prepared: Any) -> None:
+        """A failed migration whose destination stopped answering: once it answers again (a new
+        connection), remove what was prepared there, after its libvirtd dropped the incoming VM."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLEAN_FOR
+        while loop.time() < deadline:
+            await asyncio.sleep(CLEAN_RETRY)
+            try:
+                dst = await self._blocking(lambda: _open(uri), timeout=OPEN_TIMEOUT)
+            except (libvirt.libvirtError, DriverError):
+                continue
+            try:
+                error = await runner.clean_destination(dst, uuid, prepared, self._blocking, loop.time, 120.0)
+            finally:
+                loop.run_in_executor(None, _close_quietly, dst)
+            if error is None:
+                self._log.info("migration leftovers removed from the destination", extra={"uuid": uuid, "destination": uri})
+                return
+            self._log.info("migration leftovers not removed yet", extra={"uuid": uuid, "destination": uri, "error": error})
+        self._log.warning("migration leftovers left on the destination", extra={
+            "uuid": uuid, "destination": uri, "paths": ", ".join(prepared.paths)})
+
+    async def close(self) -> None:
+        for task in list(self._cleanups):
+            task.cancel()
+        for uri in list(self._destinations):
+            self._drop_destination(uri)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _blocking(self, fn: Callable[[], Any], timeout: float = CALL_TIMEOUT) -> Any:
+        return await threads.call(fn, timeout=timeout)
+
+    async def _emit(self, running: Running, progress: MigrationProgress) -> None:
+        running.last = progress
+        for listener in list(running.listeners):
+            await _call_listener(listener, progress, self._log)
+
+
+async def _call_listener(listener: MigrationProgressCallback, progress: MigrationProgress,
+                         log: logging.Logger) -> None:
+    try:
+        result = listener(progress)
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:  # noqa: BLE001 - a progress reply that failed never stops a migration
+        log.warning("migration progress listener failed", extra={"error": str(exc)})
+
+
+def _progress(p: Progress) -> MigrationProgress:
+    return MigrationProgress(phase=p.phase, message=p.message(), percent=p.percent,
+                             remaining_mib=None if p.remaining_mib is None else round(p.remaining_mib, 1),
+                             rate_mib_s=None if p.rate_mib_s is None else round(p.rate_mib_s, 1))
+
+
+def _failure(result: runner.MigrationResult, uri: str, *, cancelled: bool) -> str:
+    outcome = result.outcome
+    if outcome.verdict == "failed":
+        if cancelled and result.reason == "cancelled":
+            text = "the migration was cancelled"
+        elif result.reason:
+            text = f"the migration to {uri} was aborted: {result.reason}"
+        else:
+            text = f"the migration to {uri} failed: {result.error or 'libvirt gave no reason'}"
+        text += "; the VM still runs on this host"
+    else:
+        text = f"the migration to {uri} ended unclearly ({outcome.verdict}): {outcome.message}"
+    if result.cleanup_error:
+        text += f"; on the destination: {result.cleanup_error}"
+        if result.destination_unreachable:
+            text += " (removed once it answers again)"
+    return text
+
+
+def _open(uri: str) -> libvirt.virConnect:
+    conn = libvirt.open(uri)
+    try:
+        conn.setKeepAlive(-1, 0)  # off, as for the agent's own connection (connection.py)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            conn.close()
+            raise
+    return conn
+
+
+def _close_quietly(conn: libvirt.virConnect) -> None:
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass
+
+
+def _read_small_file(conn: libvirt.virConnect, path: str, limit: int = 4096) -> str | None:
+    folder, name = posixpath.split(path)
+    with volumes.folder_pool(conn, folder) as pool:
+        vol = volumes.find(pool, name)
+        if vol is None:
+            return None
+        size = min(volumes.facts(vol).physical, limit)
+        return volumes.read_bytes(conn, vol, size).decode(errors="replace")
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, libvirt.libvirtError):
+        return exc.get_error_message() or str(exc)
+    return str(exc)
+
+
+def _mib(value: object) -> float | None:
+    return round(value / MIB, 1) if isinstance(value, int) else None
+

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import libvirt
 
-from drivers.base import DriverError
+from drivers.base import DriverError, VmRecord
 from drivers.libvirt.domxml import metadata
 from drivers.libvirt.domxml.model import AgentMetadata
 
@@ -62,3 +64,22 @@ def undefine(dom: libvirt.virDomain) -> None:
             dom.undefine()  # drivers without NVRAM/snapshot support refuse the flags
         except libvirt.libvirtError:
             raise DriverError(libvirt_message(exc)) from None
+
+
+def inspect(conn: libvirt.virConnect, dom: libvirt.virDomain, record: VmRecord) -> dict[str, Any]:
+    """The inspect reply's body: the record, the live XML and libvirt's scalar counters."""
+    counters = {}
+    try:
+        for _, values in conn.domainListGetStats([dom], 0, 0):
+            counters = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+    except libvirt.libvirtError:
+        pass  # stats are a bonus; the test driver lacks some groups
+    return {
+        "id": record.instance_uuid,
+        "externalId": record.external_id,
+        "state": record.state,
+        "labels": record.labels,
+        "specHash": record.spec_hash,
+        "xml": dom.XMLDesc(0),
+        "stats": counters,
+    }

@@ -5,6 +5,11 @@ drivers.libvirt.threads (bounded pool, a timeout per call), and libvirt's events
 own event thread, handed to the loop. The driver's state (which domains are ours, their
 metadata) lives on the loop; operations on one VM are serialised by a per-VM lock, and waits
 that can be long (a guest's ACPI shutdown) are asynchronous polls.
+
+This class is the Hypervisor protocol's entry points and the state they share (the registry,
+the per-VM locks); the work lives in the modules they call: event_routing (lifecycle events),
+provision (volumes, seed, images), restart_ops, migration/service, stream_access, inventory,
+domain_ops. It is long because the protocol is wide, not because it does much itself.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from typing import Any, Callable
 
 import libvirt
 
-from agent.spec.image import parse_image_ref
 from agent.spec.migration import MigrateInput
 from agent.spec.vm import VirtualMachine
 from drivers.base import (
@@ -47,7 +51,7 @@ from drivers.libvirt.domxml.builder import build_domain
 from drivers.libvirt.domxml.inputs import HostPolicy, RenderInput
 from drivers.libvirt.domxml.model import AgentMetadata
 from drivers.libvirt.domxml.writer import to_xml
-from drivers.libvirt.events import LifecycleEvent
+from drivers.libvirt.event_routing import EventRouter
 from drivers.libvirt.host_dirs import HostDirError
 from drivers.libvirt.host_profile import HostProfile
 from drivers.libvirt.migration.presence import incoming_domains
@@ -60,8 +64,6 @@ from drivers.libvirt.stream_access import StreamAccess
 from drivers.ports.publisher import PortPublisher
 
 _STOP_POLL_SECONDS = 0.2
-#: Events after which a domain we do not know yet may be ours (virsh define, a migration in).
-_LEARN_ON = ("defined", "started")
 #: A ping or a scrape waits this long for libvirt, then answers without it (Cattle waits 15 s).
 _QUERY_TIMEOUT = 5.0
 #: States are read in full this often (events keep them current in between); a list older
@@ -91,11 +93,9 @@ class LibvirtDriver:
         self._profile: HostProfile | None = None
         self._registry: dict[str, AgentMetadata] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._event_listeners: list[Callable[[HostEvent], None]] = []
         self._availability_listeners: list[Callable[[bool], None]] = []
         self._adopted = asyncio.Event()
         self._adoption: asyncio.Task[None] | None = None
-        self._learning: dict[str, list[LifecycleEvent]] = {}
         self._own = OwnEvents()
         self._states = inventory.StateBook()
         self._background: set[asyncio.Task[Any]] = set()
@@ -112,12 +112,16 @@ class LibvirtDriver:
             purge=self.provisioner.purge, forget=self._forget, state_dir=policy.layout.state_dir), logger=self._log)
         self.restarts = RestartOps(locks=self._locks, call=self._call, lookup=self._lookup,
                                    registry=lambda: self._registry, own=self._own, logger=self._log)
+        self.events = EventRouter(registry=lambda: self._registry, states=self._states, ports=self.ports,
+                                  presence=self.migrations.presence, restarts=self.restarts, own=self._own,
+                                  locks=self._locks, connection=self._conn.get, forget=self._forget,
+                                  spawn=self._spawn, logger=self._log)
 
     # -- connection and adoption -----------------------------------------------------------
     async def start(self) -> None:
         """Connect (or start retrying) and, when connected, adopt before returning."""
         self._conn.add_connection_listener(self._on_connection)
-        self._conn.add_lifecycle_listener(self._on_lifecycle)
+        self._conn.add_lifecycle_listener(self.events.on_lifecycle)
         self.ports.start(registry=lambda: self._registry, state=self._states.get, addresses=self.addresses)
         await self._conn.start()
         if self._adoption is not None:
@@ -226,57 +230,10 @@ class LibvirtDriver:
         }
 
     def add_event_listener(self, listener: Callable[[HostEvent], None]) -> None:
-        self._event_listeners.append(listener)
+        self.events.listeners.append(listener)
 
     def add_availability_listener(self, listener: Callable[[bool], None]) -> None:
         self._availability_listeners.append(listener)
-
-    # -- lifecycle events (on the loop) ----------------------------------------------------------
-    def _on_lifecycle(self, event: LifecycleEvent) -> None:
-        if event.uuid in self._learning:
-            self._learning[event.uuid].append(event)
-            return
-        self._states.apply(event.uuid, event.event)
-        self.ports.on_lifecycle(event.uuid, event.event)
-        if event.uuid not in self._registry:
-            if event.event in _LEARN_ON:  # ours, made outside the agent? read its metadata first
-                self._learning[event.uuid] = [event]
-                self._spawn(self._learn(event.uuid))
-            return
-        if event.event == "undefined":
-            self._registry.pop(event.uuid, None)
-        verdict = self.migrations.presence.on_event(event)  # a migration's events are not the host's
-        if verdict == "drop":  # an incoming migration that failed: never ours here
-            self._forget(event.uuid)
-            self._states.apply(event.uuid, "undefined")
-        if verdict != "report" or event.status is None:
-            return
-        own = event.event != "undefined" and self._own.consume(event.uuid, event.status)
-        if not own:  # the policy's record tells a stop the controller asked for (lock held or not)
-            self.restarts.on_event(event)
-        if own or (event.event != "undefined" and self._locks[event.uuid].locked()):
-            return  # the agent's own operation: its reply reports the state (container events are for changes on the host)
-        host_event = HostEvent(instance_uuid=event.uuid, external_id=event.uuid, status=event.status,
-                               timestamp=event.timestamp, cause=event.cause)
-        for listener in self._event_listeners:
-            listener(host_event)
-
-    async def _learn(self, uuid: str) -> None:
-        """A domain appeared: if it carries our metadata, adopt it and replay its events."""
-        meta = None
-        try:
-            meta = await threads.call(self._read_metadata, uuid)
-        except (libvirt.libvirtError, DriverError, LibvirtUnavailable):
-            pass
-        events = self._learning.pop(uuid, [])
-        if meta is None:
-            return
-        self._registry[uuid] = meta
-        for event in events:
-            self._on_lifecycle(event)
-
-    def _read_metadata(self, uuid: str) -> AgentMetadata | None:
-        return inventory.read_metadata(self._conn.get().lookupByUUIDString(uuid))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -396,39 +353,13 @@ class LibvirtDriver:
 
     def _inspect(self, uuid: str) -> dict[str, Any]:
         dom = self._require(uuid)
-        record = self._record(dom, uuid)
-        counters = {}
-        try:
-            for _, values in self._connection().domainListGetStats([dom], 0, 0):
-                counters = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
-        except libvirt.libvirtError:
-            pass  # stats are a bonus; the test driver lacks some groups
-        return {
-            "id": uuid,
-            "externalId": record.external_id,
-            "state": record.state,
-            "labels": record.labels,
-            "specHash": record.spec_hash,
-            "xml": dom.XMLDesc(0),
-            "stats": counters,
-        }
+        return domain_ops.inspect(self._connection(), dom, self._record(dom, uuid))
 
     async def ensure_image(self, reference: str, checksum: str | None,
                            progress: Callable[[int, str], Any] | None = None) -> dict[str, Any]:
         """Fetch an image into the host cache ahead of any VM (storage.image.activate)."""
-        try:
-            ref = parse_image_ref(reference)
-        except ValueError as exc:
-            raise DriverError(f"image: {exc}") from None
         self._refuse_new_vms()
-        conn = self._connection()
-        images = self.provisioner.images
-        if ref.kind == "kernel":
-            boot = await images.ensure_kernel_image(conn, ref, checksum=checksum, progress=progress)
-            return {"format": "kernel", "+data": {"herdsman": {"kernel": boot.kernel, "initrd": boot.initrd}}}
-        base = await images.ensure_disk_image(conn, ref, checksum=checksum, progress=progress)
-        return {"format": base.format, "virtualSizeMb": base.virtual_size >> 20,
-                "+data": {"herdsman": {"volume": base.volume_name}}}
+        return await self.provisioner.ensure_image(self._connection(), reference, checksum, progress)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def ensure_vm(self, spec: VirtualMachine, placement: Placement, *, start: bool) -> VmRecord:

@@ -11,10 +11,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
-from agent.spec.image import ImageRef, parse_checksum
+from agent.spec.image import ImageRef, parse_checksum, parse_image_ref
 from agent.spec.vm import VirtualMachine
 from drivers.base import DriverError, Placement
 from drivers.libvirt import storage, threads
@@ -77,6 +78,20 @@ class Provisioner:
         async def report(percent: int, message: str) -> None:
             self._log.info(f"image {percent:3d}% {message}", extra={"image": ref.url.split("?")[0], "percent": percent})
         return report
+
+    async def ensure_image(self, conn: libvirt.virConnect, reference: str, checksum: str | None,
+                           progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Fetch an image into the host cache ahead of any VM; the storage.image.activate reply."""
+        try:
+            ref = parse_image_ref(reference)
+        except ValueError as exc:
+            raise DriverError(f"image: {exc}") from None
+        if ref.kind == "kernel":
+            boot = await self.images.ensure_kernel_image(conn, ref, checksum=checksum, progress=progress)
+            return {"format": "kernel", "+data": {"herdsman": {"kernel": boot.kernel, "initrd": boot.initrd}}}
+        base = await self.images.ensure_disk_image(conn, ref, checksum=checksum, progress=progress)
+        return {"format": base.format, "virtualSizeMb": base.virtual_size >> 20,
+                "+data": {"herdsman": {"volume": base.volume_name}}}
 
     async def prepare(self, conn: libvirt.virConnect, inp: RenderInput, placement: Placement, *,
                       new_domain: bool) -> Prepared:

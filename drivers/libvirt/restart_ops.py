@@ -16,7 +16,7 @@ reason gives: a restart an agent killed during the backoff left pending is done 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+import uuid
 from dataclasses import dataclass
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -64,6 +65,14 @@ def format_cpuset(cpus: tuple[int, ...]) -> str:
     if start is not None:
         parts.append(str(start) if start == prev else f"{start}-{prev}")
     return ",".join(parts)
+
+
+def canonical_uuid(text: str) -> str:
+    """The uuid in its canonical lower-case dashed form (libvirt and Cattle compare text)."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a UUID") from None
 
 
 def check_hostname(text: str) -> str:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import uuid as uuid_module
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agent.spec.base import SpecModel
 from agent.spec.errors import PathError, SpecError
+from agent.spec.fields import canonical_uuid
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
@@ -60,12 +60,7 @@ class MigrationDestination(SpecModel):
     @field_validator("host_uuid")
     @classmethod
     def _uuid(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return str(uuid_module.UUID(value))
-        except ValueError:
-            raise ValueError(f"{value!r} is not a uuid") from None
+        return None if value is None else canonical_uuid(value)
 
     @field_validator("host")
     @classmethod

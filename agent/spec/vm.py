@@ -171,12 +171,7 @@ class VirtualMachine(SpecModel):
     @field_validator("uuid")
     @classmethod
     def _uuid(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return str(uuid_module.UUID(value))
-        except ValueError:
-            raise ValueError(f"{value!r} is not a UUID") from None
+        return None if value is None else fields.canonical_uuid(value)
 
     @field_validator("cpu_set")
     @classmethod

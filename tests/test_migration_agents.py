@@ -357,6 +357,28 @@ async def test_a_cut_link_aborts_and_the_vm_stays_on_a_with_nothing_on_b(agents:
     assert [e for e in agents.ctl.container_events if e["externalId"] == inst["uuid"]] == []
 
 
+async def test_the_destination_killed_mid_way_leaves_the_vm_on_a_and_nothing_on_b(agents: Agents) -> None:
+    """The destination dies while memory is copied: its QEMU is killed, as a crashed host's
+    would be. The migration fails, the VM runs on A as before, and B keeps nothing."""
+    inst = await agents.boot(f"mig-kill-{uuid_module.uuid4().hex[:6]}")
+    event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=2), timeout=MOVE)
+    await agents.send("a", event)
+    await wait_precopy(agents, event)
+    agents.env.b.run(["sh", "-c", f"kill -KILL $(cat /run/libvirt/qemu/{inst['uuid']}.pid)"])
+    reply = await agents.ctl.wait_reply(event, MOVE)
+    assert reply.get("transitioning") == "error", reply
+    assert "the VM still runs on this host" in reply["transitioningMessage"], reply["transitioningMessage"]
+    assert agents.domain("a", inst) == (True, libvirt.VIR_DOMAIN_RUNNING)
+    last = ticks(agents.console_log("a", inst))[-1][0]
+    await agents.wait_console("a", inst, f"tick {last + 3} ", 60)  # running, not left paused
+    deadline = time.monotonic() + 60
+    while agents.domain("b", inst) is not None or agents.files("b", inst):
+        assert time.monotonic() < deadline, (agents.domain("b", inst), agents.files("b", inst))
+        await asyncio.sleep(1)
+    assert inst["uuid"] in await agents.ping("a") and inst["uuid"] not in await agents.ping("b")
+    assert [e for e in agents.ctl.container_events if e["externalId"] == inst["uuid"]] == []
+
+
 async def wait_precopy(agents: Agents, event: dict[str, Any]) -> None:
     deadline = time.monotonic() + MOVE
     while not any(p["transitioningMessage"].startswith("migrating: precopy") and p["transitioningProgress"] >= 5

@@ -8,7 +8,9 @@ httpd on port 8080 serving the guest's token. So after a move a test can check t
 guest kept running (ticks continue, uptime not reset), that its disk came along (every tick
 line is in the file, read back after dropping the guest's page cache), that the base image
 is readable on the new host (the marker), and that its NIC works there (HTTP from the root
-namespace to its DHCP address).
+namespace to its DHCP address). With a `beacon` address, the guest also writes a line to a TCP
+connection there every 20 ms: the gaps in their arrival are the guest's own downtime
+(bench/migrate.py; busybox's nc here has no UDP).
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ mkdir -p /tmp/www && echo "{token}" >/tmp/www/index.html && httpd -p {port} -h /
         sleep 0.2
     done
 ) </dev/null >/dev/console 2>&1 &
-echo HEARTBEAT-STARTED
+{beacon}echo HEARTBEAT-STARTED
+"""
+#: A line every 20 ms from a loop the guest runs, so a pause of the guest is a gap in what arrives.
+BEACON = """(
+    while ! ip -4 addr show | grep -q 'scope global'; do sleep 0.2; done
+    while :; do echo b; usleep 20000; done | nc {address} {port}
+) </dev/null >/dev/null 2>&1 &
 """
 
 
@@ -56,6 +64,7 @@ class MigratableGuest:
     token: str
     image: GuestImage
     memory_mib: int = 128
+    beacon: tuple[str, int] | None = None  # (address, TCP port) the guest writes to every 20 ms
 
     @property
     def dir(self) -> PurePosixPath:
@@ -79,9 +88,10 @@ class MigratableGuest:
         return SERIAL_DIR / f"{self.name}-serial.log"
 
     @classmethod
-    def new(cls, image: GuestImage, prefix: str = "hmguest", memory_mib: int = 128) -> MigratableGuest:
+    def new(cls, image: GuestImage, prefix: str = "hmguest", memory_mib: int = 128,
+            beacon: tuple[str, int] | None = None) -> MigratableGuest:
         token = secrets.token_hex(4)
-        return cls(f"{prefix}-{token}", token, image, memory_mib)
+        return cls(f"{prefix}-{token}", token, image, memory_mib, beacon)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -122,7 +132,8 @@ class MigratableGuest:
         src = work / "seed"
         src.mkdir()
         (src / "meta-data").write_text(f"instance-id: {self.name}\nlocal-hostname: {self.name}\n")
-        (src / "user-data").write_text(USERDATA.format(token=self.token, port=HTTP_PORT))
+        beacon = BEACON.format(address=self.beacon[0], port=self.beacon[1]) if self.beacon else ""
+        (src / "user-data").write_text(USERDATA.format(token=self.token, port=HTTP_PORT, beacon=beacon))
         _run(["genisoimage", "-quiet", "-o", str(work / "seed.iso"), "-V", "cidata", "-J", "-r",
               str(src / "user-data"), str(src / "meta-data")])
 

@@ -392,6 +392,9 @@ async def cut_at_precopy(agents: Agents, event: dict[str, Any]) -> None:
     agents.env.set_uplink("b", False)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open (issue 12): in about 1 run in 3 the TCG guest panics on B right after this slow (3 MiB/s) "
+    "move (B's qemu log: 'shutting down, reason=crashed'; migration.md §5.4), and the move ends 'lost'"))
 async def test_the_destination_agent_restarted_mid_migration_lists_the_vm_only_once_it_runs_there(
         agents: Agents) -> None:
     """B's agent is killed while the VM comes in and started again: at adoption it finds the

@@ -77,8 +77,14 @@ def cleanup_test_host(conn: libvirt.virConnect, root: Path, pool: str) -> None:
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    remove_pool(conn, pool)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def remove_pool(conn: libvirt.virConnect, name: str) -> None:
+    """Delete a test's storage pool with its volumes, if it is there."""
     try:
-        p = conn.storagePoolLookupByName(pool)
+        p = conn.storagePoolLookupByName(name)
         for vol in p.listAllVolumes(0):
             vol.delete(0)
         if p.isActive():
@@ -86,4 +92,3 @@ def cleanup_test_host(conn: libvirt.virConnect, root: Path, pool: str) -> None:
         p.undefine()
     except libvirt.libvirtError:
         pass
-    shutil.rmtree(root, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_harness import instance_event, ping, ping_instances, running_agent, vm_instance
-from tests.libvirtd_fixtures import SYSTEM_URI, host_dirs, system_conn  # noqa: F401 (fixtures)
+from tests.libvirtd_fixtures import SYSTEM_URI, host_dirs, remove_pool, system_conn  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest, pytest.mark.timeout(900)]
 
@@ -127,9 +127,6 @@ async def test_session_mode_forwards_ports_to_the_guest(tmp_path, host_dirs):
             await instance_event(ctl, "purge", inst, timeout=120)
             session = libvirt.open("qemu:///session")
             try:
-                pool = session.storagePoolLookupByName(dirs["storage_pool"])
-                pool.destroy()
-                pool.undefine()
-            except libvirt.libvirtError:
-                pass
-            session.close()
+                remove_pool(session, dirs["storage_pool"])
+            finally:
+                session.close()

@@ -17,7 +17,7 @@ import libvirt
 import pytest
 
 from tests.agent_harness import instance_event, ping, ping_instances, running_agent, vm_instance
-from tests.libvirtd_fixtures import host_dirs, system_conn  # noqa: F401 (fixtures)
+from tests.libvirtd_fixtures import host_dirs, remove_pool, system_conn  # noqa: F401 (fixtures)
 from tests.test_e2e_guest import guest_manifest, wait_for
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest, pytest.mark.timeout(600)]
@@ -56,9 +56,6 @@ async def test_session_mode_probes_the_forwarded_port(tmp_path: Path, host_dirs:
             await instance_event(ctl, "purge", inst, timeout=120)
             session = libvirt.open("qemu:///session")
             try:
-                pool = session.storagePoolLookupByName(dirs["storage_pool"])
-                pool.destroy()
-                pool.undefine()
-            except libvirt.libvirtError:
-                pass
-            session.close()
+                remove_pool(session, dirs["storage_pool"])
+            finally:
+                session.close()

@@ -431,7 +431,7 @@ class LibvirtDriver:
             await self.restarts.controller_stops(instance_uuid, dom)
             await self._stop(dom, timeout)
             await self.restarts.controller_starts(instance_uuid, dom)
-            self._own.expect(instance_uuid, "start")
+            self._own.expect_next(instance_uuid, "start")  # the stop's event may still be on its way
             await self._call(dom.create)
             return await self._fresh_record(dom, instance_uuid)
 

@@ -7,7 +7,8 @@ hold a pool worker, and nothing here waits for it. jobStats is given STATS_TIMEO
 libvirt holds the job for a stuck QEMU call, that counts as "nothing moved". The loop ends
 when the job is over or the call returned; after an abort, when the job ended or, if the
 source stays frozen (sockets.py), after releasing it. The verdict comes from the domain's
-state on both hosts (outcome.py), never from the call.
+state on both hosts (outcome.py), never from the call. `attach` does the same for a migration
+this process did not start (the agent was restarted meanwhile: journal.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import libvirt
 
 from drivers.libvirt.migration import destination, destxml, sockets
 from drivers.libvirt.migration.disks import domain_disks
+from drivers.libvirt.migration.link import DestinationLink
 from drivers.libvirt.migration.monitor import JobSample, Monitor, Progress
 from drivers.libvirt.migration.options import Destination, MigrationOptions
 from drivers.libvirt.migration.outcome import Outcome, decide, read_side
@@ -44,8 +46,8 @@ ProgressCallback = Callable[[Progress], Awaitable[None] | None]
 @dataclass
 class MigrationResult:
     outcome: Outcome
-    call: MigrationCall
     seconds: float
+    call: MigrationCall | None = None  # None: a migration this process found running (attach)
     reason: str | None = None  # why the monitor aborted or switched to post-copy
     error: str | None = None  # migrateToURI3's error, if it returned one
     completed: dict[str, Any] = field(default_factory=dict)  # jobStats(COMPLETED) on the destination
@@ -57,6 +59,8 @@ class MigrationResult:
     #: the destination stopped answering: what was prepared there (`prepared`) is still there
     destination_unreachable: bool = False
     prepared: destination.Prepared | None = None
+    #: the destination connection in use at the end (a new one if the given one broke: link.py)
+    destination_conn: libvirt.virConnect | None = None
 
 
 async def _to_thread(fn: Callable[[], T]) -> T:
@@ -67,16 +71,18 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
                   options: MigrationOptions, *, blocking: Blocking[Any] | None = None,
                   on_progress: ProgressCallback | None = None, cancel: asyncio.Event | None = None,
                   release: Release | None | Literal["local"] = "local", abort_grace: float = 10.0,
-                  settle_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic
-                  ) -> MigrationResult:
+                  settle_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                  on_prepared: Callable[[destination.Prepared], Awaitable[None]] | None = None,
+                  reopen_destination: Callable[[], libvirt.virConnect] | None = None) -> MigrationResult:
     """Live-migrate domain `uuid` from `src` to `dst` (the destination's URIs in `dest`).
 
     `release` frees a source frozen by an abort (sockets.py); "local" runs `ss -K` here,
-    which is right when this process runs on the source host (the agent does).
+    which is right when this process runs on the source host (the agent does). `on_prepared`
+    hears what was made on the destination before anything moves (the service journals it);
+    `reopen_destination` replaces a destination connection that broke meanwhile (link.py).
     """
     run = blocking or _to_thread
-    if release == "local":
-        release = partial(sockets.drop_connections, dest.migration_address)
+    release = _local_release(release, dest)
     dom = await run(lambda: src.lookupByUUIDString(uuid))
     xml = await run(lambda: dom.XMLDesc(0))
     call = build_call(options, domain_disks(xml), dest)
@@ -89,6 +95,8 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
             call = replace(call, params={**call.params,
                                          libvirt.VIR_MIGRATE_PARAM_DEST_XML: destxml.with_file_disks(live, paths),
                                          libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent})
+        if on_prepared is not None:
+            await on_prepared(prepared)
     except BaseException:
         await run(lambda: destination.undo(dst, prepared))
         raise
@@ -97,6 +105,46 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
     monitor = Monitor(options, moved_bytes=memory + prepared.copied_bytes, started=started)
     result = MigrationResult(outcome=Outcome("in-progress", ""), call=call, seconds=0.0)
     call_done = _start_call(dom, call)
+    await _guarded_watch(dom, monitor, call_done, result, run, options, on_progress, cancel, abort_grace, release, clock)
+    link = DestinationLink(dst, reopen_destination)
+    return await _conclude(src, link, dom, uuid, prepared, call_done, result, run, clock, settle_timeout, started)
+
+
+async def attach(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, dest: Destination,
+                 options: MigrationOptions, prepared: destination.Prepared, *, blocking: Blocking[Any] | None = None,
+                 on_progress: ProgressCallback | None = None, cancel: asyncio.Event | None = None,
+                 release: Release | None | Literal["local"] = "local", abort_grace: float = 10.0,
+                 settle_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 reopen_destination: Callable[[], libvirt.virConnect] | None = None) -> MigrationResult:
+    """Finish a migration of `uuid` that this process did not start (an agent restarted while
+    libvirt went on with it, see journal.py): watch its job if it still runs, as `migrate`
+    would (watchdog, completion deadline, cancel), then decide from both hosts and clean up."""
+    run = blocking or _to_thread
+    release = _local_release(release, dest)
+    started = clock()
+    result = MigrationResult(outcome=Outcome("in-progress", ""), seconds=0.0)
+    never: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()  # the call is not ours
+    dom = None
+    if (await run(lambda: read_side(src, uuid))).exists:
+        dom = await run(lambda: src.lookupByUUIDString(uuid))
+        stats = await _stats(dom, run, STATS_TIMEOUT)
+        if stats is not None and JobSample.from_stats(stats, clock()).active:
+            memory = (await run(dom.maxMemory)) * 1024
+            monitor = Monitor(options, moved_bytes=memory + prepared.copied_bytes, started=started)
+            await _guarded_watch(dom, monitor, never, result, run, options, on_progress, cancel,
+                                 abort_grace, release, clock)
+    link = DestinationLink(dst, reopen_destination)
+    return await _conclude(src, link, dom, uuid, prepared, never, result, run, clock, settle_timeout, started)
+
+
+def _local_release(release: Release | None | Literal["local"], dest: Destination) -> Release | None:
+    return partial(sockets.drop_connections, dest.migration_address) if release == "local" else release
+
+
+async def _guarded_watch(dom: libvirt.virDomain, monitor: Monitor, call_done: asyncio.Future[str | None],
+                         result: MigrationResult, run: Blocking[Any], options: MigrationOptions,
+                         on_progress: ProgressCallback | None, cancel: asyncio.Event | None, abort_grace: float,
+                         release: Release | None, clock: Callable[[], float]) -> None:
     try:
         await _watch(dom, monitor, call_done, result, run, options, on_progress, cancel,
                      abort_grace, release, clock)
@@ -105,24 +153,34 @@ async def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, d
         await _request_abort(dom, run, postcopy=monitor.phase == "postcopy")
         raise
 
+
+async def _conclude(src: libvirt.virConnect, link: DestinationLink, dom: libvirt.virDomain | None, uuid: str,
+                    prepared: destination.Prepared, call_done: asyncio.Future[str | None],
+                    result: MigrationResult, run: Blocking[Any], clock: Callable[[], float],
+                    settle_timeout: float, started: float) -> MigrationResult:
+    """The verdict from both hosts; after a failure, the source resumed and the destination cleaned."""
     result.prepared = prepared
-    result.outcome, result.destination_unreachable = await _settle(src, dst, uuid, run, clock, settle_timeout)
-    result.seconds = clock() - started
-    if call_done.done():
-        result.error = call_done.result()
-    if result.outcome.verdict == "succeeded":
-        try:
-            result.completed = await _bounded(run, lambda: _completed_stats(dst, uuid), DEST_TIMEOUT)
-        except TimeoutError:
-            pass  # the figures are a bonus
-    elif result.outcome.verdict == "failed":
-        if result.outcome.source_paused:
-            await run(dom.resume)
-        if result.destination_unreachable:
-            result.cleanup_error = ("the destination does not answer; left there for now: "
-                                    f"{', '.join(prepared.paths) or 'nothing'}")
-        else:
-            result.cleanup_error = await clean_destination(dst, uuid, prepared, run, clock, settle_timeout)
+    try:
+        result.outcome, result.destination_unreachable = await _settle(src, link, uuid, run, clock, settle_timeout)
+        result.seconds = clock() - started
+        if call_done.done():
+            result.error = call_done.result()
+        if result.outcome.verdict == "succeeded":
+            try:
+                result.completed = await _bounded(run, lambda: link.call(lambda c: _completed_stats(c, uuid)),
+                                                  DEST_TIMEOUT)
+            except TimeoutError:
+                pass  # the figures are a bonus
+        elif result.outcome.verdict == "failed":
+            if result.outcome.source_paused and dom is not None:
+                await run(dom.resume)
+            if result.destination_unreachable:
+                result.cleanup_error = ("the destination does not answer; left there for now: "
+                                        f"{', '.join(prepared.paths) or 'nothing'}")
+            else:
+                result.cleanup_error = await clean_destination(link, uuid, prepared, run, clock, settle_timeout)
+    finally:
+        result.destination_conn = link.conn
     return result
 
 
@@ -283,7 +341,7 @@ def _completed_stats(dst: libvirt.virConnect, uuid: str) -> dict[str, Any]:
         return {}
 
 
-async def _settle(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, run: Blocking[Any],
+async def _settle(src: libvirt.virConnect, dst: DestinationLink, uuid: str, run: Blocking[Any],
                   clock: Callable[[], float], timeout: float) -> tuple[Outcome, bool]:
     """The verdict once the switchover (both paused, post-copy) is over, or as it stands at
     timeout; and whether the destination stopped answering (then: the VM running here means the
@@ -292,7 +350,7 @@ async def _settle(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, r
     while True:
         source = await run(lambda: read_side(src, uuid))
         try:
-            dest = await _bounded(run, lambda: read_side(dst, uuid), DEST_TIMEOUT)
+            dest = await _bounded(run, lambda: dst.call(lambda c: read_side(c, uuid)), DEST_TIMEOUT)
         except TimeoutError:
             if source.running:
                 return Outcome("failed", "the migration failed; the VM still runs on the source "
@@ -307,17 +365,18 @@ async def _settle(src: libvirt.virConnect, dst: libvirt.virConnect, uuid: str, r
         await asyncio.sleep(0.2)
 
 
-async def clean_destination(dst: libvirt.virConnect, uuid: str, prepared: destination.Prepared,
+async def clean_destination(dst: libvirt.virConnect | DestinationLink, uuid: str, prepared: destination.Prepared,
                             run: Blocking[Any], clock: Callable[[], float], timeout: float) -> str | None:
     """Remove the destination's prepared files once its libvirtd has dropped the incoming domain."""
+    link = dst if isinstance(dst, DestinationLink) else DestinationLink(dst)
     deadline = clock() + timeout
     try:
-        while (await _bounded(run, lambda: read_side(dst, uuid), DEST_TIMEOUT)).exists:
+        while (await _bounded(run, lambda: link.call(lambda c: read_side(c, uuid)), DEST_TIMEOUT)).exists:
             if clock() >= deadline:
                 return (f"the destination still holds the incoming domain after {timeout:.0f} s; "
                         f"left in place: {', '.join(prepared.paths) or 'nothing'}")
             await asyncio.sleep(0.5)
-        await run(lambda: destination.undo(dst, prepared))
+        await run(lambda: link.call(lambda c: destination.undo(c, prepared)))
     except TimeoutError:
         return f"the destination stopped answering; left there: {', '.join(prepared.paths) or 'nothing'}"
     except (libvirt.libvirtError, destination.PreparationError) as exc:

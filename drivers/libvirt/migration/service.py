@@ -12,6 +12,11 @@ the VM runs there and its definition (with herdsman's metadata) went with it; he
 seed and console log are deleted (the disks were copied) and it is forgotten. Anything else:
 it still runs here (the runner removed what it made on the destination) and the error says
 why. Every libvirt call runs on the driver's worker pool; migrateToURI3 on a thread of its own.
+
+The agent may be killed at any moment of this, and libvirt carries on without it: what is
+needed to finish is journaled (journal.py) once the destination is prepared, and `recover`
+(after a start) attaches to the migration, or decides what became of it, and cleans up. A
+request for a VM that already runs at the named destination is answered as done.
 """
 
 from __future__ import annotations
@@ -19,18 +24,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import posixpath
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
 from agent.spec.migration import MigrateInput, MigrationSettings
-from drivers.base import DriverError, MigrationProgress, MigrationProgressCallback, MigrationReport
+from drivers.base import DriverError, MigrationProgress, MigrationProgressCallback, MigrationReport, NotFound
 from drivers.libvirt import domain_ops, threads
-from drivers.libvirt.migration import runner, volumes
+from drivers.libvirt.migration import runner
+from drivers.libvirt.migration.destination import Prepared
+from drivers.libvirt.migration.destinations import OPEN_TIMEOUT, Destinations, close_quietly, message, open_destination
+from drivers.libvirt.migration.journal import Entry, Journal
 from drivers.libvirt.migration.limits import MigrationSlots
 from drivers.libvirt.migration.monitor import MIB, Progress
 from drivers.libvirt.migration.options import Destination, MigrationOptions
@@ -39,7 +47,6 @@ from drivers.libvirt.migration.presence import Presence
 
 #: one libvirt step of a migration may take this long (preparing copies whole base images)
 CALL_TIMEOUT = 3600.0
-OPEN_TIMEOUT = 30.0
 UNDEFINE_WAIT = 30.0
 CLEAN_RETRY = 15.0  # a destination that stopped answering is tried again this often ...
 CLEAN_FOR = 3600.0  # ... for this long, to remove what was prepared there
@@ -76,7 +83,8 @@ class MigrationService:
         self.presence = Presence()
         self._log = logger or logging.getLogger("herdsman.migration")
         self._running: dict[str, Running] = {}
-        self._destinations: dict[str, libvirt.virConnect] = {}
+        self.destinations = Destinations(self._blocking)
+        self.journal = Journal(host.state_dir)
         self._finished: dict[str, MigrationReport] = {}  # moved away lately: a repeat gets this
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -165,7 +173,12 @@ class MigrationService:
                            migration_port=target.migration_port)
         async with self.host.lock(uuid):
             src = self.host.connection()
-            dom = await self._blocking(lambda: self.host.require(uuid))
+            try:
+                dom = await self._blocking(lambda: self.host.require(uuid))
+            except NotFound:
+                if (report := await self._already_there(uuid, dest, target.host_uuid)) is not None:
+                    return report
+                raise
             state = (await self._blocking(lambda: dom.state(0)))[0]
             if state != libvirt.VIR_DOMAIN_RUNNING:
                 raise DriverError(f"virtual machine {uuid} is not running here: only a running VM migrates live")
@@ -181,41 +194,86 @@ class MigrationService:
                                       "the VM still runs on this host")
                 self._log.info("migration starting", extra={"uuid": uuid, "destination": dest.libvirt_uri,
                                                             "migrateUri": dest.migrate_uri})
-                dst = await self._destination(dest.libvirt_uri)
+                dst = await self.destinations.get(dest.libvirt_uri)
                 if target.host_uuid is not None:
-                    await self._check_host_uuid(dst, target.host_uuid, dest.libvirt_uri)
-                self.presence.start_out(uuid)
-                moved = False
-                try:
-                    result = await runner.migrate(
-                        src, dst, uuid, dest, options, blocking=self._blocking, cancel=running.cancel,
-                        on_progress=lambda p: self._emit(running, _progress(p)))
-                    moved = result.outcome.verdict == "succeeded"
-                except (libvirt.libvirtError, DriverError) as exc:
-                    # which call failed matters (a dropped destination connection, see the report)
-                    self._log.warning("migration step failed", exc_info=True, extra={"uuid": uuid})
-                    self._drop_destination(dest.libvirt_uri)
-                    where = await self._where(src, uuid)
-                    raise DriverError(f"the migration to {dest.libvirt_uri} failed: "
-                                      f"{_message(exc)}; {where}") from None
-                finally:
-                    self.presence.end_out(uuid, moved=moved)
-                if result.destination_unreachable:
-                    self._drop_destination(dest.libvirt_uri)  # a hung connection: never reused
-                    if result.outcome.verdict == "failed" and result.prepared is not None:
-                        self._clean_later(dest.libvirt_uri, uuid, result.prepared)
-                if not moved:
-                    raise DriverError(_failure(result, dest.libvirt_uri, cancelled=running.cancel.is_set()))
-                removed, cleanup_error = await self._clean_source(src, uuid)
+                    await self.destinations.check_host_uuid(dst, target.host_uuid, dest.libvirt_uri,
+                                                            self.host.state_dir)
+                entry: list[Entry] = []
+
+                async def journal(prepared: Prepared) -> None:
+                    entry.append(Entry(uuid, dest, target.host_uuid, options, prepared))
+                    await asyncio.to_thread(self.journal.write, entry[0])
+
+                return await self._move(running, src, dest, lambda: runner.migrate(
+                    src, dst, uuid, dest, options, blocking=self._blocking, cancel=running.cancel,
+                    on_progress=lambda p: self._emit(running, _progress(p)), on_prepared=journal,
+                    reopen_destination=partial(open_destination, dest.libvirt_uri)),
+                    host_uuid=target.host_uuid, entry=entry)
+
+    async def _move(self, running: Running, src: libvirt.virConnect, dest: Destination,
+                    start: Callable[[], Awaitable[runner.MigrationResult]], *, host_uuid: str | None,
+                    entry: list[Entry]) -> MigrationReport:
+        """Run a migration (or the rest of one) to its verdict and act on it. `entry` holds the
+        journal entry once there is one; it is removed when nothing is left to do."""
+        uuid, uri = running.uuid, dest.libvirt_uri
+        self.presence.start_out(uuid)
+        moved = False
+        try:
+            result = await start()
+            moved = result.outcome.verdict == "succeeded"
+        except (libvirt.libvirtError, DriverError) as exc:
+            # which call failed matters (a dropped destination connection, see the report)
+            self._log.warning("migration step failed", exc_info=True, extra={"uuid": uuid})
+            self.destinations.drop(uri)
+            where = await self._where(src, uuid)
+            if entry and running.task is not None:  # finished as after a restart, once this task is over
+                running.task.add_done_callback(lambda _: self._recover_later(entry[0]))
+            raise DriverError(f"the migration to {uri} failed: {_message(exc)}; {where}") from None
+        finally:
+            self.presence.end_out(uuid, moved=moved)
+        self.destinations.keep(uri, result.destination_conn)
+        clean_later = result.outcome.verdict == "failed" and result.prepared is not None
+        if result.destination_unreachable:
+            self.destinations.drop(uri)  # a hung connection: never reused
+            if clean_later:
+                assert result.prepared is not None
+                self._clean_later(uri, uuid, result.prepared)  # removes the journal entry when done
+        if not moved:
+            if not (result.destination_unreachable and clean_later):
+                await self._forget_journal(uuid)
+            if result.outcome.verdict in ("split", "lost", "in-progress", "postcopy-failed"):
+                self._log.error("migration ended unclearly", extra={
+                    "uuid": uuid, "destination": uri, "verdict": result.outcome.verdict,
+                    "detail": result.outcome.message})
+            raise DriverError(_failure(result, uri, cancelled=running.cancel.is_set()))
+        removed, cleanup_error = await self._clean_source(src, uuid)
+        await self._forget_journal(uuid)
         completed = result.completed
         report = MigrationReport(
-            instance_uuid=uuid, destination_uri=dest.libvirt_uri, destination_host_uuid=target.host_uuid,
+            instance_uuid=uuid, destination_uri=uri, destination_host_uuid=host_uuid,
             seconds=round(result.seconds, 3), downtime_ms=completed.get("downtime"),
             memory_mib=_mib(completed.get("memory_processed")), disk_mib=_mib(completed.get("disk_processed")),
             removed=tuple(removed), cleanup_error=cleanup_error)
         self._finished[uuid] = report
-        self._log.info("migration succeeded", extra={"uuid": uuid, "destination": dest.libvirt_uri,
+        self._log.info("migration succeeded", extra={"uuid": uuid, "destination": uri,
                                                      "seconds": report.seconds, "downtimeMs": report.downtime_ms})
+        return report
+
+    async def _already_there(self, uuid: str, dest: Destination, host_uuid: str | None) -> MigrationReport | None:
+        """A request for a VM that is no longer here: if it runs at the destination named, it
+        moved (an earlier request's reply was lost, say in an agent restart): answered as done."""
+        try:
+            dst = await self.destinations.get(dest.libvirt_uri)
+            there = await self._blocking(lambda: read_side(dst, uuid))
+        except (libvirt.libvirtError, DriverError):
+            return None
+        if not there.running:
+            return None
+        self._log.info("migration request for a VM that already runs at its destination", extra={"uuid": uuid})
+        report = MigrationReport(instance_uuid=uuid, destination_uri=dest.libvirt_uri, destination_host_uuid=host_uuid,
+                                 seconds=0.0, downtime_ms=None, memory_mib=None, disk_mib=None, removed=(),
+                                 cleanup_error=None)
+        self._finished[uuid] = report
         return report
 
     async def _clean_source(self, src: libvirt.virConnect, uuid: str) -> tuple[list[str], str | None]:
@@ -248,41 +306,55 @@ class MigrationService:
             return "the VM still runs on this host"
         return "the VM is no longer running on this host: check the destination"
 
-    # -- destinations --------------------------------------------------------------------------
+    # -- after a restart: what the journal says is unfinished --------------------------------
 
-    async def _destination(self, uri: str) -> libvirt.virConnect:
-        conn = self._destinations.get(uri)
-        if conn is not None:
+    async def recover(self) -> None:
+        """Finish the migrations an earlier run of the agent left (journal.py): libvirt went on
+        with them. Each is registered as running, so a repeated request or a cancel reaches it."""
+        for entry in await asyncio.to_thread(self.journal.entries):
+            self._recover_later(entry)
+
+    def _recover_later(self, entry: Entry) -> None:
+        if entry.uuid in self._running:
+            return
+        running = Running(uuid=entry.uuid, destination=entry.destination.libvirt_uri, started=True)
+        running.task = asyncio.get_running_loop().create_task(self._recover(running, entry),
+                                                              name=f"migration recovery {entry.uuid}")
+        self._running[entry.uuid] = running
+
+        def done(task: asyncio.Task[MigrationReport]) -> None:
+            if self._running.get(entry.uuid) is running:
+                self._running.pop(entry.uuid, None)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                self._log.warning("unfinished migration not completed", extra={"uuid": entry.uuid, "error": str(exc)})
+
+        running.task.add_done_callback(done)
+
+    async def _recover(self, running: Running, entry: Entry) -> MigrationReport:
+        uuid, uri = entry.uuid, entry.destination.libvirt_uri
+        self._log.info("finishing a migration started earlier", extra={"uuid": uuid, "destination": uri})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLEAN_FOR
+        while True:
             try:
-                if await self._blocking(conn.isAlive, timeout=OPEN_TIMEOUT):
-                    return conn
-            except (libvirt.libvirtError, DriverError):
-                pass
-            self._drop_destination(uri)
-        try:
-            conn = await self._blocking(lambda: _open(uri), timeout=OPEN_TIMEOUT)
-        except (libvirt.libvirtError, DriverError) as exc:
-            raise DriverError(f"cannot reach the destination's libvirt at {uri}: {_message(exc)}") from None
-        self._destinations[uri] = conn
-        return conn
+                dst = await self.destinations.get(uri)
+                break
+            except DriverError:
+                if running.cancel.is_set() or loop.time() >= deadline:
+                    raise DriverError(f"the migration to {uri} cannot be finished: the destination does not "
+                                      f"answer; kept in {self.journal.path(uuid)}") from None
+                await asyncio.sleep(CLEAN_RETRY)
+        async with self.host.lock(uuid):
+            src = self.host.connection()
+            return await self._move(running, src, entry.destination, lambda: runner.attach(
+                src, dst, uuid, entry.destination, entry.options, entry.prepared, blocking=self._blocking,
+                cancel=running.cancel, on_progress=lambda p: self._emit(running, _progress(p)),
+                reopen_destination=partial(open_destination, uri)), host_uuid=entry.host_uuid, entry=[])
 
-    def _drop_destination(self, uri: str) -> None:
-        conn = self._destinations.pop(uri, None)
-        if conn is not None:
-            asyncio.get_running_loop().run_in_executor(None, _close_quietly, conn)
+    async def _forget_journal(self, uuid: str) -> None:
+        await asyncio.to_thread(self.journal.remove, uuid)
 
-    async def _check_host_uuid(self, dst: libvirt.virConnect, expected: str, uri: str) -> None:
-        """The destination's herdsman host uuid (`<state dir>/host-uuid` there, read over its
-        libvirt) must be the one the controller named."""
-        path = str(self.host.state_dir / "host-uuid")
-        try:
-            found = await self._blocking(lambda: _read_small_file(dst, path))
-        except (libvirt.libvirtError, DriverError) as exc:
-            raise DriverError(f"cannot read the destination's host uuid ({path} at {uri}): {_message(exc)}") from None
-        if found is None:
-            raise DriverError(f"{uri} runs no herdsman agent with this state dir ({path} is missing there)")
-        if found.strip() != expected:
-            raise DriverError(f"{uri} is host {found.strip()}, not {expected} as asked")
+    # -- destinations that stopped answering ----------------------------------------------------
 
     def _clean_later(self, uri: str, uuid: str, prepared: Any) -> None:
         task = asyncio.get_running_loop().create_task(self._clean_when_back(uri, uuid, prepared),
@@ -292,20 +364,22 @@ class MigrationService:
 
     async def _clean_when_back(self, uri: str, uuid: str, prepared: Any) -> None:
         """A failed migration whose destination stopped answering: once it answers again (a new
-        connection), remove what was prepared there, after its libvirtd dropped the incoming VM."""
+        connection), remove what was prepared there, after its libvirtd dropped the incoming VM.
+        The journal entry stays until then, so an agent restart meanwhile does it too."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLEAN_FOR
         while loop.time() < deadline:
             await asyncio.sleep(CLEAN_RETRY)
             try:
-                dst = await self._blocking(lambda: _open(uri), timeout=OPEN_TIMEOUT)
+                dst = await self._blocking(lambda: open_destination(uri), timeout=OPEN_TIMEOUT)
             except (libvirt.libvirtError, DriverError):
                 continue
             try:
                 error = await runner.clean_destination(dst, uuid, prepared, self._blocking, loop.time, 120.0)
             finally:
-                loop.run_in_executor(None, _close_quietly, dst)
+                loop.run_in_executor(None, close_quietly, dst)
             if error is None:
+                await self._forget_journal(uuid)
                 self._log.info("migration leftovers removed from the destination", extra={"uuid": uuid, "destination": uri})
                 return
             self._log.info("migration leftovers not removed yet", extra={"uuid": uuid, "destination": uri, "error": error})
@@ -315,8 +389,7 @@ class MigrationService:
     async def close(self) -> None:
         for task in list(self._cleanups):
             task.cancel()
-        for uri in list(self._destinations):
-            self._drop_destination(uri)
+        self.destinations.close()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -364,38 +437,7 @@ def _failure(result: runner.MigrationResult, uri: str, *, cancelled: bool) -> st
     return text
 
 
-def _open(uri: str) -> libvirt.virConnect:
-    conn = libvirt.open(uri)
-    try:
-        conn.setKeepAlive(-1, 0)  # off, as for the agent's own connection (connection.py)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-            conn.close()
-            raise
-    return conn
-
-
-def _close_quietly(conn: libvirt.virConnect) -> None:
-    try:
-        conn.close()
-    except libvirt.libvirtError:
-        pass
-
-
-def _read_small_file(conn: libvirt.virConnect, path: str, limit: int = 4096) -> str | None:
-    folder, name = posixpath.split(path)
-    with volumes.folder_pool(conn, folder) as pool:
-        vol = volumes.find(pool, name)
-        if vol is None:
-            return None
-        size = min(volumes.facts(vol).physical, limit)
-        return volumes.read_bytes(conn, vol, size).decode(errors="replace")
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, libvirt.libvirtError):
-        return exc.get_error_message() or str(exc)
-    return str(exc)
+_message = message
 
 
 def _mib(value: object) -> float | None:

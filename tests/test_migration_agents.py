@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -392,14 +393,49 @@ async def cut_at_precopy(agents: Agents, event: dict[str, Any]) -> None:
     agents.env.set_uplink("b", False)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 12): in about 1 run in 3 the TCG guest panics on B right after this slow (3 MiB/s) "
-    "move (B's qemu log: 'shutting down, reason=crashed'; migration.md §5.4), and the move ends 'lost'"))
+def libvirtd_log(agents: Agents, role: str) -> Path:
+    return agents.host(role).path(Path("/var/log/libvirt/libvirtd.log"))
+
+
+def environment_failure(agents: Agents, inst: dict[str, Any], reply: dict[str, Any], log_from: int) -> None:
+    """A slow migration that failed for a reason of this machine, not of herdsman, is reported
+    as an expected failure with its evidence; anything else fails the test. Two such reasons
+    were seen here, about one run in five: the TCG guest's kernel panicking (migration.md §5.4;
+    Nova's CI sees the same) and B's libvirtd dropping every client from A for keepalive
+    timeout at once (A's libvirtd and agent alike). herdsman's answer in both cases is checked:
+    an error reply that says where the VM is."""
+    if reply.get("transitioning") != "error":
+        return
+    message = reply["transitioningMessage"]
+    for role in ("a", "b"):
+        if "Kernel panic" in (console := agents.console_log(role, inst)):
+            assert "ended unclearly (lost)" in message or "still runs on this host" in message, message
+            panic = console[console.index("Kernel panic"):][:120]
+            pytest.xfail(f"the TCG guest panicked on {role.upper()} (migration.md §5.4): {panic!r}; reply: {message}")
+    since = libvirtd_log(agents, "b").read_bytes()[log_from:].decode(errors="replace")  # this test's part
+    if "connection closed due to keepalive timeout" in since:
+        assert "the VM still runs on this host" in message, message
+        assert agents.domain("a", inst) == (True, libvirt.VIR_DOMAIN_RUNNING)
+        pytest.xfail(f"B's libvirtd dropped A's connections for keepalive timeout; reply: {message}")
+
+
+def full_speed(agents: Agents, inst: dict[str, Any]) -> None:
+    """Lift the bandwidth limit of the VM's running migration (as an operator's `virsh
+    migrate-setspeed` would): the slow part of a test only needs to last until its restart."""
+    conn = libvirt.open(agents.host("a").libvirt_uri)
+    try:
+        with contextlib.suppress(libvirt.libvirtError):  # over already
+            conn.lookupByUUIDString(inst["uuid"]).migrateSetMaxSpeed(8192, 0)
+    finally:
+        conn.close()
+
+
 async def test_the_destination_agent_restarted_mid_migration_lists_the_vm_only_once_it_runs_there(
         agents: Agents) -> None:
     """B's agent is killed while the VM comes in and started again: at adoption it finds the
     incoming domain (paused, a `migration in` job) and leaves it out of its pings until it runs."""
     inst = await agents.boot(f"mig-adopt-{uuid_module.uuid4().hex[:6]}")
+    log_from = libvirtd_log(agents, "b").stat().st_size
     # slow enough to restart an agent meanwhile; no auto-converge: its CPU throttling of a TCG
     # guest over a long migration is the likeliest trigger of the guest crashes of §5.4
     event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=3, autoConverge=False),
@@ -415,12 +451,49 @@ async def test_the_destination_agent_restarted_mid_migration_lists_the_vm_only_o
     listed = inst["uuid"] in await agents.ping("b")
     assert agents.domain("b", inst) == (False, libvirt.VIR_DOMAIN_PAUSED), "the migration ended too soon to test"
     assert not listed, "B's restarted agent listed a VM that still runs on A"
+    full_speed(agents, inst)
     reply = await agents.ctl.wait_reply(event, MOVE)
+    environment_failure(agents, inst, reply, log_from)
     assert reply.get("transitioning") is None, reply.get("transitioningMessage")
     deadline = time.monotonic() + 60
     while inst["uuid"] not in await agents.ping("b"):
         assert time.monotonic() < deadline, "B's agent never listed the VM that now runs there"
         await asyncio.sleep(1)
+    assert [e for e in agents.ctl.container_events if e["externalId"] == inst["uuid"]] == []
+
+
+async def test_the_source_agent_killed_mid_migration_finishes_it_when_it_is_back(agents: Agents) -> None:
+    """A's agent is killed while the VM moves: libvirt carries on. The agent started again finds
+    the migration in its journal, sees it through, and removes the VM's files from A; the
+    controller's retry of the event (its reply was lost with the agent) is answered as done."""
+    inst = await agents.boot(f"mig-src-{uuid_module.uuid4().hex[:6]}")
+    log_from = libvirtd_log(agents, "b").stat().st_size
+    event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=3, autoConverge=False),
+                         timeout=MOVE)
+    await agents.send("a", event)
+    await wait_precopy(agents, event)
+    journal = agents.host("a").path(LAYOUT.state_dir / "migrations" / f"{inst['uuid']}.json")
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o600 and '"qemu+tcp://' in journal.read_text()
+    agents.procs["a"].kill()
+    agents.procs["a"].wait(timeout=20)
+    assert agents.domain("b", inst) == (False, libvirt.VIR_DOMAIN_PAUSED), "the migration ended too soon to test"
+    subscribed = len(agents.ctl.subscriptions)
+    agents.start("a")
+    await agents.ctl.wait_subscribed(timeout=120, count=subscribed + 1)
+    full_speed(agents, inst)
+    retry = await agents.request("a", "migrate", inst, process=migrate_process(agents, "b"), timeout=MOVE)
+    environment_failure(agents, inst, retry, log_from)
+    assert retry.get("transitioning") is None, retry.get("transitioningMessage")
+    fields = retry["data"]["instanceHostMap"]["instance"]["+data"]["+fields"]
+    assert fields["herdsmanState"] == "migrated" and fields["herdsmanMigration"]["hostUuid"] == agents.host_uuid("b")
+    assert agents.domain("b", inst) == (True, libvirt.VIR_DOMAIN_RUNNING)
+    assert agents.domain("a", inst) is None and agents.files("a", inst) == []
+    assert not journal.exists()
+    log = agents.host("a").path(LAYOUT.log_dir / "agent-migration-test.log").read_text(errors="replace")
+    assert f"finishing a migration started earlier uuid={inst['uuid']}" in log
+    last = ticks(await agents.exec("b", inst, "cat /mnt/root/ticks"))[-1][0]
+    assert await agents.console_sees("b", inst, after=last) > last
+    assert inst["uuid"] not in await agents.ping("a")
     assert [e for e in agents.ctl.container_events if e["externalId"] == inst["uuid"]] == []
 
 

@@ -185,12 +185,14 @@ class Agents:
             conn.close()
 
     def files(self, role: str, inst: dict[str, Any]) -> list[str]:
-        """The VM's volumes and seed on `role` (its console log is not counted)."""
+        """The VM's volumes, seed and console log on `role`."""
         host = self.host(role)
         pool = host.path(LAYOUT.state_dir / "pool")
         found = [p.name for p in pool.glob(f"{inst['uuid']}-*")] if pool.exists() else []
         if host.path(LAYOUT.seed_path(inst["uuid"])).exists():
             found.append("seed")
+        if host.path(LAYOUT.console_log_path(inst["uuid"])).exists():
+            found.append("console log")
         return found
 
 

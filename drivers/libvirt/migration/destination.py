@@ -29,7 +29,8 @@ import libvirt
 from lxml import etree
 
 from drivers.libvirt.migration import volumes
-from drivers.libvirt.migration.disks import DiskInfo, copied_disks, domain_disks, log_folders, required_files, unsupported
+from drivers.libvirt.migration.disks import (DiskInfo, copied_disks, domain_disks, log_files, log_folders, required_files,
+                                              unsupported)
 from drivers.libvirt.migration.volumes import PreparationError, VolumeFacts
 
 SMALL = 4 << 20  # files up to this size are compared byte for byte
@@ -66,6 +67,8 @@ def prepare(src: libvirt.virConnect, dst: libvirt.virConnect, xml: str) -> Prepa
             ensure_file(src, dst, path, done)
         for folder in log_folders(xml):
             _make_folder(src, dst, folder, done)
+        for path in log_files(xml):
+            _claim_log(dst, path, done)
         for disk in copied_disks(disks):
             create_disk(src, dst, disk, done)
     except BaseException:
@@ -99,6 +102,15 @@ def ensure_file(src: libvirt.virConnect, dst: libvirt.virConnect, path: str, don
             if svol is None:
                 raise PreparationError(f"{path} vanished from the source host")
             volumes.copy_stream(src, svol, dst, dvol, facts.physical)
+
+
+def _claim_log(dst: libvirt.virConnect, path: str, done: Prepared) -> None:
+    """A console log virtlogd will create there for the incoming VM: ours to remove if the
+    migration fails (one that exists already belongs to someone else and stays)."""
+    folder, name = posixpath.split(path)
+    with volumes.folder_pool(dst, folder) as pool:
+        if pool is not None and volumes.find(pool, name) is None:
+            done.created.append(Created("file", name=name, folder=folder))
 
 
 def create_disk(src: libvirt.virConnect, dst: libvirt.virConnect, disk: DiskInfo, done: Prepared) -> None:

@@ -105,6 +105,12 @@ def unsupported(disks: list[DiskInfo]) -> list[str]:
     return problems
 
 
+def log_files(xml: str) -> list[str]:
+    """The files character devices log to (the serial console's `<log file>`)."""
+    root = etree.fromstring(xml.encode())
+    return list(dict.fromkeys(f for el in root.findall("./devices/*/log") if (f := el.get("file", "")).startswith("/")))
+
+
 def log_folders(xml: str) -> list[str]:
     """Folders of the files character devices log to (the serial console's `<log file>`):
     virtlogd on the destination creates the file, not its folder."""

@@ -34,8 +34,8 @@ import libvirt
 
 from agent.spec.migration import MigrateInput, MigrationSettings
 from drivers.base import DriverError, MigrationProgress, MigrationProgressCallback, MigrationReport, NotFound
-from drivers.libvirt import domain_ops, threads
-from drivers.libvirt.migration import runner
+from drivers.libvirt import domain_ops, inventory, threads
+from drivers.libvirt.migration import port_check, runner
 from drivers.libvirt.migration.destination import Prepared
 from drivers.libvirt.migration.destinations import OPEN_TIMEOUT, Destinations, close_quietly, message, open_destination
 from drivers.libvirt.migration.journal import Entry, Journal
@@ -198,6 +198,7 @@ class MigrationService:
                 if target.host_uuid is not None:
                     await self.destinations.check_host_uuid(dst, target.host_uuid, dest.libvirt_uri,
                                                             self.host.state_dir)
+                await self.check_ports(dom, dst, dest.libvirt_uri)
                 entry: list[Entry] = []
 
                 async def journal(prepared: Prepared) -> None:
@@ -258,6 +259,18 @@ class MigrationService:
         self._log.info("migration succeeded", extra={"uuid": uuid, "destination": uri,
                                                      "seconds": report.seconds, "downtimeMs": report.downtime_ms})
         return report
+
+    async def check_ports(self, dom: libvirt.virDomain, dst: libvirt.virConnect, uri: str) -> None:
+        """Refused before anything moves: a published port another VM publishes there (port_check)."""
+        meta = await self._blocking(lambda: inventory.read_metadata(dom))
+        if meta is None or not meta.ports:
+            return
+        uuid = dom.UUIDString()
+        problems = port_check.conflicts(meta.ports, await self._blocking(
+            lambda: port_check.destination_bindings(dst, uuid)))
+        if problems:
+            raise DriverError(f"cannot migrate to {uri}: {'; '.join(problems)}; nothing was moved, "
+                              "the VM still runs on this host")
 
     async def _already_there(self, uuid: str, dest: Destination, host_uuid: str | None) -> MigrationReport | None:
         """A request for a VM that is no longer here: if it runs at the destination named, it

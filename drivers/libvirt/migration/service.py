@@ -22,7 +22,6 @@ request for a VM that already runs at the named destination is answered as done.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,12 +34,11 @@ import libvirt
 from agent.spec.migration import MigrateInput, MigrationSettings
 from drivers.base import DriverError, MigrationProgress, MigrationProgressCallback, MigrationReport, NotFound
 from drivers.libvirt import domain_ops, inventory, threads
-from drivers.libvirt.migration import port_check, runner
+from drivers.libvirt.migration import answers, port_check, runner
 from drivers.libvirt.migration.destination import Prepared
 from drivers.libvirt.migration.destinations import OPEN_TIMEOUT, Destinations, close_quietly, message, open_destination
 from drivers.libvirt.migration.journal import Entry, Journal
 from drivers.libvirt.migration.limits import MigrationSlots
-from drivers.libvirt.migration.monitor import MIB, Progress
 from drivers.libvirt.migration.options import Destination, MigrationOptions
 from drivers.libvirt.migration.outcome import read_side
 from drivers.libvirt.migration.presence import Presence
@@ -133,7 +131,7 @@ class MigrationService:
             if progress is not None:
                 current.listeners.append(progress)
                 if current.last is not None:
-                    await _call_listener(progress, current.last, self._log)
+                    await answers.call_listener(progress, current.last, self._log)
             return await self._outcome(current)
         running = Running(uuid=uuid, destination=uri, listeners=[progress] if progress else [])
         running.task = asyncio.get_running_loop().create_task(self._run(running, request), name=f"migrate {uuid}")
@@ -207,7 +205,7 @@ class MigrationService:
 
                 return await self._move(running, src, dest, lambda: runner.migrate(
                     src, dst, uuid, dest, options, blocking=self._blocking, cancel=running.cancel,
-                    on_progress=lambda p: self._emit(running, _progress(p)), on_prepared=journal,
+                    on_progress=lambda p: self._emit(running, answers.progress(p)), on_prepared=journal,
                     reopen_destination=partial(open_destination, dest.libvirt_uri)),
                     host_uuid=target.host_uuid, entry=entry)
 
@@ -229,7 +227,7 @@ class MigrationService:
             where = await self._where(src, uuid)
             if entry and running.task is not None:  # finished as after a restart, once this task is over
                 running.task.add_done_callback(lambda _: self._recover_later(entry[0]))
-            raise DriverError(f"the migration to {uri} failed: {_message(exc)}; {where}") from None
+            raise DriverError(f"the migration to {uri} failed: {message(exc)}; {where}") from None
         finally:
             self.presence.end_out(uuid, moved=moved)
         self.destinations.keep(uri, result.destination_conn)
@@ -246,15 +244,10 @@ class MigrationService:
                 self._log.error("migration ended unclearly", extra={
                     "uuid": uuid, "destination": uri, "verdict": result.outcome.verdict,
                     "detail": result.outcome.message})
-            raise DriverError(_failure(result, uri, cancelled=running.cancel.is_set()))
+            raise DriverError(answers.failure(result, uri, cancelled=running.cancel.is_set()))
         removed, cleanup_error = await self._clean_source(src, uuid)
         await self._forget_journal(uuid)
-        completed = result.completed
-        report = MigrationReport(
-            instance_uuid=uuid, destination_uri=uri, destination_host_uuid=host_uuid,
-            seconds=round(result.seconds, 3), downtime_ms=completed.get("downtime"),
-            memory_mib=_mib(completed.get("memory_processed")), disk_mib=_mib(completed.get("disk_processed")),
-            removed=tuple(removed), cleanup_error=cleanup_error)
+        report = answers.moved(uuid, uri, host_uuid, result, removed, cleanup_error)
         self._finished[uuid] = report
         self._log.info("migration succeeded", extra={"uuid": uuid, "destination": uri,
                                                      "seconds": report.seconds, "downtimeMs": report.downtime_ms})
@@ -283,9 +276,7 @@ class MigrationService:
         if not there.running:
             return None
         self._log.info("migration request for a VM that already runs at its destination", extra={"uuid": uuid})
-        report = MigrationReport(instance_uuid=uuid, destination_uri=dest.libvirt_uri, destination_host_uuid=host_uuid,
-                                 seconds=0.0, downtime_ms=None, memory_mib=None, disk_mib=None, removed=(),
-                                 cleanup_error=None)
+        report = answers.found_there(uuid, dest.libvirt_uri, host_uuid)
         self._finished[uuid] = report
         return report
 
@@ -304,8 +295,8 @@ class MigrationService:
             removed = await self._blocking(lambda: self.host.purge(src, uuid))
         except (libvirt.libvirtError, DriverError) as exc:
             self._log.warning("migrated VM's files not removed from the source",
-                              extra={"uuid": uuid, "error": _message(exc)})
-            return [], f"its files here were not removed: {_message(exc)}"
+                              extra={"uuid": uuid, "error": message(exc)})
+            return [], f"its files here were not removed: {message(exc)}"
         finally:
             self.host.forget(uuid)
         return removed, None
@@ -314,7 +305,7 @@ class MigrationService:
         try:
             side = await self._blocking(lambda: read_side(src, uuid))
         except (libvirt.libvirtError, DriverError) as exc:
-            return f"this host's libvirt cannot say where the VM is ({_message(exc)})"
+            return f"this host's libvirt cannot say where the VM is ({message(exc)})"
         if side.running:
             return "the VM still runs on this host"
         return "the VM is no longer running on this host: check the destination"
@@ -361,7 +352,7 @@ class MigrationService:
             src = self.host.connection()
             return await self._move(running, src, entry.destination, lambda: runner.attach(
                 src, dst, uuid, entry.destination, entry.options, entry.prepared, blocking=self._blocking,
-                cancel=running.cancel, on_progress=lambda p: self._emit(running, _progress(p)),
+                cancel=running.cancel, on_progress=lambda p: self._emit(running, answers.progress(p)),
                 reopen_destination=partial(open_destination, uri)), host_uuid=entry.host_uuid, entry=[])
 
     async def _forget_journal(self, uuid: str) -> None:
@@ -412,47 +403,4 @@ class MigrationService:
     async def _emit(self, running: Running, progress: MigrationProgress) -> None:
         running.last = progress
         for listener in list(running.listeners):
-            await _call_listener(listener, progress, self._log)
-
-
-async def _call_listener(listener: MigrationProgressCallback, progress: MigrationProgress,
-                         log: logging.Logger) -> None:
-    try:
-        result = listener(progress)
-        if inspect.isawaitable(result):
-            await result
-    except Exception as exc:  # noqa: BLE001 - a progress reply that failed never stops a migration
-        log.warning("migration progress listener failed", extra={"error": str(exc)})
-
-
-def _progress(p: Progress) -> MigrationProgress:
-    return MigrationProgress(phase=p.phase, message=p.message(), percent=p.percent,
-                             remaining_mib=None if p.remaining_mib is None else round(p.remaining_mib, 1),
-                             rate_mib_s=None if p.rate_mib_s is None else round(p.rate_mib_s, 1))
-
-
-def _failure(result: runner.MigrationResult, uri: str, *, cancelled: bool) -> str:
-    outcome = result.outcome
-    if outcome.verdict == "failed":
-        if cancelled and result.reason == "cancelled":
-            text = "the migration was cancelled"
-        elif result.reason:
-            text = f"the migration to {uri} was aborted: {result.reason}"
-        else:
-            text = f"the migration to {uri} failed: {result.error or 'libvirt gave no reason'}"
-        text += "; the VM still runs on this host"
-    else:
-        text = f"the migration to {uri} ended unclearly ({outcome.verdict}): {outcome.message}"
-    if result.cleanup_error:
-        text += f"; on the destination: {result.cleanup_error}"
-        if result.destination_unreachable:
-            text += " (removed once it answers again)"
-    return text
-
-
-_message = message
-
-
-def _mib(value: object) -> float | None:
-    return round(value / MIB, 1) if isinstance(value, int) else None
-
+            await answers.call_listener(listener, progress, self._log)

@@ -122,6 +122,9 @@ class Agent:
         make_dir(config.state_dir)  # missing parents too, traversable for qemu whatever the umask
         self.host_uuid = host_uuid(config)
         self.driver = build_driver(config)
+        # only the agent finishes migrations an earlier run left (a debug command never does: it
+        # would abort the migration when it exits)
+        self.driver.migrations.recovers = True
         # The restart policy: the driver reports stops and adoptions to the runner. Connect a
         # listener of "VM restarted by the policy" with vm_restarted_listeners.append(fn(uuid)).
         self.restart_notices = RestartNotices(self._send_container_event, self.host_uuid)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import libvirt
+import psutil
 import pytest
 
 from drivers.libvirt.migration.destination import Created, Prepared
-from drivers.libvirt.migration.journal import Entry, Journal
+from drivers.libvirt.migration.journal import Entry, Journal, Owner
 from drivers.libvirt.migration.link import DestinationLink
 from drivers.libvirt.migration.options import Destination, MigrationOptions
 
@@ -23,7 +26,8 @@ def entry(uuid: str = UUID) -> Entry:
                                  Created("volume", name=f"{uuid}-root.qcow2", pool="herdsman")],
                         copied_bytes=123 << 20)
     return Entry(uuid, Destination(libvirt_uri="qemu+tcp://10.0.0.2/system", migration_address="10.0.0.2"),
-                 "0b0e7e3a-94a4-4d36-9f4c-3a4f7b7a1c11", MigrationOptions(bandwidth=3, auto_converge=False), prepared)
+                 "0b0e7e3a-94a4-4d36-9f4c-3a4f7b7a1c11", MigrationOptions(bandwidth=3, auto_converge=False), prepared,
+                 Owner(4242, 1796291021.5))
 
 
 def test_an_entry_comes_back_as_written_private_to_the_agent(tmp_path) -> None:
@@ -59,6 +63,19 @@ def test_an_entry_under_another_vms_name_is_not_acted_on(tmp_path, caplog) -> No
     journal.path(UUID).rename(journal.folder / "0a0a0a0a-0000-4000-8000-000000000000.json")
     assert journal.entries() == []
     assert "names another VM" in caplog.text
+
+
+def test_an_entry_is_left_to_its_owner_while_that_process_runs() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        owner = Owner(child.pid, psutil.Process(child.pid).create_time())
+        assert owner.alive_elsewhere()  # `herdsman migrate` beside the agent: it finishes its own
+        assert not Owner(child.pid, owner.started - 100).alive_elsewhere()  # the pid was reused
+        assert not Owner.current().alive_elsewhere()  # this process: ours to finish
+    finally:
+        child.kill()
+        child.wait()
+    assert not owner.alive_elsewhere()  # it died: the agent finishes it
 
 
 def test_the_link_opens_a_dead_connection_again_and_retries_once() -> None:

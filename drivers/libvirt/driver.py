@@ -199,7 +199,8 @@ class LibvirtDriver:
         started = time.monotonic()
         self._registry = await threads.call(inventory.adopt_all, conn)
         self.migrations.presence.adopt_incoming(await threads.call(incoming_domains, conn, list(self._registry)))
-        self._spawn(self.migrations.recover())  # outgoing migrations an earlier run left unfinished
+        if self.migrations.recovers:
+            self._spawn(self.migrations.recover())  # outgoing migrations an earlier run left unfinished
         await self._read_states()
         self._adopted.set()
         self._spawn(self.restarts.adopt(conn))  # in the background: pending restarts, VMs found shut off

@@ -19,11 +19,34 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from drivers.libvirt.migration.destination import Created, Prepared
 from drivers.libvirt.migration.options import Destination, MigrationOptions
 
 FOLDER = "migrations"
 _log = logging.getLogger("herdsman.migration")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process running the migration (pid and start time: a pid alone may be reused)."""
+
+    pid: int
+    started: float
+
+    @classmethod
+    def current(cls) -> Owner:
+        return cls(os.getpid(), psutil.Process().create_time())
+
+    def alive_elsewhere(self) -> bool:
+        """Another process that still runs (`herdsman migrate` beside the agent): not ours to finish."""
+        if self.pid == os.getpid():
+            return False
+        try:
+            return psutil.Process(self.pid).create_time() == self.started
+        except psutil.Error:
+            return False
 
 
 @dataclass(frozen=True)
@@ -33,6 +56,7 @@ class Entry:
     host_uuid: str | None  # the destination's herdsman host uuid, when the controller named it
     options: MigrationOptions
     prepared: Prepared
+    owner: Owner
 
     def to_json(self) -> str:
         return json.dumps({
@@ -40,6 +64,7 @@ class Entry:
             "options": self.options.model_dump(mode="json"),
             "prepared": {"created": [asdict(c) for c in self.prepared.created],
                          "copiedBytes": self.prepared.copied_bytes},
+            "owner": {"pid": self.owner.pid, "started": self.owner.started},
         }, indent=1)
 
     @classmethod
@@ -49,7 +74,8 @@ class Entry:
         return cls(uuid=str(body["uuid"]), destination=Destination.model_validate(body["destination"]),
                    host_uuid=body.get("hostUuid"), options=MigrationOptions.model_validate(body["options"]),
                    prepared=Prepared(created=[Created(**c) for c in prepared["created"]],
-                                     copied_bytes=int(prepared["copiedBytes"])))
+                                     copied_bytes=int(prepared["copiedBytes"])),
+                   owner=Owner(int(body["owner"]["pid"]), float(body["owner"]["started"])))
 
 
 class Journal:

@@ -37,7 +37,7 @@ from drivers.libvirt import domain_ops, inventory, threads
 from drivers.libvirt.migration import answers, port_check, runner
 from drivers.libvirt.migration.destination import Prepared
 from drivers.libvirt.migration.destinations import OPEN_TIMEOUT, Destinations, close_quietly, message, open_destination
-from drivers.libvirt.migration.journal import Entry, Journal
+from drivers.libvirt.migration.journal import Entry, Journal, Owner
 from drivers.libvirt.migration.limits import MigrationSlots
 from drivers.libvirt.migration.options import Destination, MigrationOptions
 from drivers.libvirt.migration.outcome import read_side
@@ -83,6 +83,7 @@ class MigrationService:
         self._running: dict[str, Running] = {}
         self.destinations = Destinations(self._blocking)
         self.journal = Journal(host.state_dir)
+        self.recovers = False  # whether `recover` runs at adoption (the agent only: `herdsman run`)
         self._finished: dict[str, MigrationReport] = {}  # moved away lately: a repeat gets this
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -200,7 +201,7 @@ class MigrationService:
                 entry: list[Entry] = []
 
                 async def journal(prepared: Prepared) -> None:
-                    entry.append(Entry(uuid, dest, target.host_uuid, options, prepared))
+                    entry.append(Entry(uuid, dest, target.host_uuid, options, prepared, Owner.current()))
                     await asyncio.to_thread(self.journal.write, entry[0])
 
                 return await self._move(running, src, dest, lambda: runner.migrate(
@@ -316,6 +317,8 @@ class MigrationService:
         """Finish the migrations an earlier run of the agent left (journal.py): libvirt went on
         with them. Each is registered as running, so a repeated request or a cancel reaches it."""
         for entry in await asyncio.to_thread(self.journal.entries):
+            if entry.owner.alive_elsewhere():
+                continue  # another process (`herdsman migrate`) runs it and will finish it
             self._recover_later(entry)
 
     def _recover_later(self, entry: Entry) -> None:

@@ -84,6 +84,17 @@ class Agents:
              "--secret-key", "secret", "--domain-type", "qemu", "--log-format", "text",
              "--migration-max-outgoing", "1"], cwd=REPO, stdout=self.logs[role], stderr=subprocess.STDOUT)
 
+    def kill(self, role: str) -> None:
+        """SIGKILL the agent of `role`, as a crash or the OOM killer would."""
+        self.procs[role].kill()
+        self.procs[role].wait(timeout=20)
+
+    async def restart(self, role: str) -> None:
+        """Start the agent of `role` again and wait until it has subscribed to the controller."""
+        subscribed = len(self.ctl.subscriptions)
+        self.start(role)
+        await self.ctl.wait_subscribed(timeout=120, count=subscribed + 1)
+
     def host(self, role: str) -> Host:
         return self.env.hosts[role]
 
@@ -421,6 +432,17 @@ def environment_failure(agents: Agents, inst: dict[str, Any], reply: dict[str, A
         pytest.xfail(f"B's libvirtd dropped A's connections for keepalive timeout; reply: {message}")
 
 
+async def slow_move_to_b(agents: Agents, inst: dict[str, Any]) -> dict[str, Any]:
+    """Start moving `inst` A→B slowly enough to restart an agent meanwhile; returns the event once
+    memory is being copied. No auto-converge: its CPU throttling of a TCG guest over a long
+    migration is the likeliest trigger of the guest crashes of §5.4."""
+    event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=3, autoConverge=False),
+                         timeout=MOVE)
+    await agents.send("a", event)
+    await wait_precopy(agents, event)
+    return event
+
+
 def full_speed(agents: Agents, inst: dict[str, Any]) -> None:
     """Lift the bandwidth limit of the VM's running migration (as an operator's `virsh
     migrate-setspeed` would): the slow part of a test only needs to last until its restart."""
@@ -438,17 +460,9 @@ async def test_the_destination_agent_restarted_mid_migration_lists_the_vm_only_o
     incoming domain (paused, a `migration in` job) and leaves it out of its pings until it runs."""
     inst = await agents.boot(f"mig-adopt-{uuid_module.uuid4().hex[:6]}")
     log_from = libvirtd_log(agents, "b").stat().st_size
-    # slow enough to restart an agent meanwhile; no auto-converge: its CPU throttling of a TCG
-    # guest over a long migration is the likeliest trigger of the guest crashes of §5.4
-    event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=3, autoConverge=False),
-                         timeout=MOVE)
-    await agents.send("a", event)
-    await wait_precopy(agents, event)
-    agents.procs["b"].kill()
-    agents.procs["b"].wait(timeout=20)
-    subscribed = len(agents.ctl.subscriptions)
-    agents.start("b")
-    await agents.ctl.wait_subscribed(timeout=120, count=subscribed + 1)
+    event = await slow_move_to_b(agents, inst)
+    agents.kill("b")
+    await agents.restart("b")
     assert agents.domain("b", inst) == (False, libvirt.VIR_DOMAIN_PAUSED), "the migration ended too soon to test"
     listed = inst["uuid"] in await agents.ping("b")
     assert agents.domain("b", inst) == (False, libvirt.VIR_DOMAIN_PAUSED), "the migration ended too soon to test"
@@ -470,18 +484,12 @@ async def test_the_source_agent_killed_mid_migration_finishes_it_when_it_is_back
     controller's retry of the event (its reply was lost with the agent) is answered as done."""
     inst = await agents.boot(f"mig-src-{uuid_module.uuid4().hex[:6]}")
     log_from = libvirtd_log(agents, "b").stat().st_size
-    event = agents.event("a", "migrate", inst, process=migrate_process(agents, "b", bandwidth=3, autoConverge=False),
-                         timeout=MOVE)
-    await agents.send("a", event)
-    await wait_precopy(agents, event)
+    await slow_move_to_b(agents, inst)
     journal = agents.host("a").path(LAYOUT.state_dir / "migrations" / f"{inst['uuid']}.json")
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600 and '"qemu+tcp://' in journal.read_text()
-    agents.procs["a"].kill()
-    agents.procs["a"].wait(timeout=20)
+    agents.kill("a")
     assert agents.domain("b", inst) == (False, libvirt.VIR_DOMAIN_PAUSED), "the migration ended too soon to test"
-    subscribed = len(agents.ctl.subscriptions)
-    agents.start("a")
-    await agents.ctl.wait_subscribed(timeout=120, count=subscribed + 1)
+    await agents.restart("a")
     full_speed(agents, inst)
     retry = await agents.request("a", "migrate", inst, process=migrate_process(agents, "b"), timeout=MOVE)
     environment_failure(agents, inst, retry, log_from)

@@ -82,7 +82,8 @@ def test_prepare_brings_base_and_seed_makes_the_overlay_and_undo_removes_exactly
     overlay = qemu_img_info(b, str(guest.overlay))
     assert overlay["format"] == "qcow2" and overlay["virtual-size"] == 64 * MIB
     assert overlay["backing-filename"] == str(guest.base) and overlay["backing-filename-format"] == "qcow2"
-    assert prepared.paths == [str(guest.seed), str(guest.base), str(guest.overlay)]
+    # the serial log virtlogd will create there is claimed too, so a failed migration leaves none
+    assert prepared.paths == [str(guest.seed), str(guest.serial_log), str(guest.base), str(guest.overlay)]
     assert Path(guest.image.kernel).exists()  # the machine's own folder: checked, not copied
 
     # a second prepare refuses to overwrite the overlay, and its failure removes nothing of the first's

@@ -17,6 +17,7 @@ from agent.handlers.ping import PingHandler
 from agent.handlers.storage import StorageHandlers
 from agent.health.reporter import client_post
 from agent.health.wiring import HealthSupervisor
+from agent.heap import HeapTrimmer
 from agent.metrics import AgentMetrics, MetricsServer, Scraper
 from agent.protocol.client import ControllerClient, basic_auth
 from agent.restarts.notices import RestartNotices
@@ -151,6 +152,7 @@ class Agent:
             images=self.driver.provisioner.images, stream_kinds=tuple(self.streams.routes)).scrape,
         ) if config.metrics_listen else None
         self.notifier = Notifier.from_environ()
+        self.heap = HeapTrimmer()
         self._background: set[asyncio.Task[Any]] = set()
         self._subscribed_once = False
 
@@ -226,6 +228,8 @@ class Agent:
             log.warning("could not report host event", extra={"error": str(exc), **body})
 
     def _on_libvirt(self, up: bool) -> None:
+        if up:  # an adoption has just read every domain: give its garbage back
+            self.heap.soon()
         self.notifier.status("libvirt connected" if up else f"libvirt at {self.config.libvirt_uri} unavailable, reconnecting")
 
     async def _on_subscribed(self) -> None:
@@ -257,6 +261,7 @@ class Agent:
         tasks = [
             asyncio.create_task(self.client.run(self.dispatcher.on_frame, self._on_subscribed), name="controller"),
             asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"),
+            asyncio.create_task(self.heap.run(), name="heap-trim"),
         ]
         if self.host_checks:
             tasks.append(asyncio.create_task(log_host_checks(self.config, profile=self.driver.profile_or_none),

@@ -39,6 +39,10 @@ from drivers.libvirt.driver import LibvirtDriver
 
 ADOPTED = "adopted managed domains"
 PING_EVERY = 5.0
+#: The first seconds after the subscription are start-up, not idle: the start-up host check and the
+#: adoption's follow-ups (restart policy, health, ports) still read every VM, and the agent trims
+#: its heap 5 s after adopting (agent/heap.py). Their peak is reported apart.
+START_UP = 10.0
 
 
 class _Records(logging.Handler):
@@ -203,14 +207,17 @@ async def run(quick: bool, shared: dict[str, Any]) -> Result:
           f"domains changed {touched}, lifecycle events {events}")
     usage = proc["usage"]
     agent_rss, bare_rss, empty_rss = usage["agent"].rss, usage["bare"].rss, usage["empty"].rss
+    settled = int(START_UP)  # procwatch samples once a second
+    start_rss, idle_rss = agent_rss[:settled], agent_rss[settled:]
     driver_share = (max(bare_rss) - max(empty_rss)) / (1 << 20)
-    own_rss = max(agent_rss) / (1 << 20) - driver_share
+    own_rss = max(idle_rss) / (1 << 20) - driver_share
     adopted = proc["adopted"][0] if proc["adopted"] else {}
     print_table(f"agent process: {count} domains adopted at start, then {idle:.0f} s idle with a ping every {PING_EVERY:.0f} s", 
-                ("", "RSS max MiB", "RSS last MiB", "CPU % of a core"),
-                [["herdsman run", _mib(agent_rss), fmt(agent_rss[-1] / (1 << 20)), fmt(usage["agent"].cpu_percent)],
-                 ["python + libvirt, same file", _mib(bare_rss), fmt(bare_rss[-1] / (1 << 20)), fmt(usage["bare"].cpu_percent)],
-                 ["python + libvirt, test:///default", _mib(empty_rss), fmt(empty_rss[-1] / (1 << 20)),
+                ("", f"RSS max MiB, first {START_UP:.0f} s", "RSS max MiB, idle", "RSS last MiB", "CPU % of a core"),
+                [["herdsman run", _mib(start_rss), _mib(idle_rss), fmt(agent_rss[-1] / (1 << 20)),
+                  fmt(usage["agent"].cpu_percent)],
+                 ["python + libvirt, same file", "", _mib(bare_rss), fmt(bare_rss[-1] / (1 << 20)), fmt(usage["bare"].cpu_percent)],
+                 ["python + libvirt, test:///default", "", _mib(empty_rss), fmt(empty_rss[-1] / (1 << 20)),
                   fmt(usage["empty"].cpu_percent)]])
     print(f"\n  the test driver's {count} domains take {fmt(driver_share)} MiB of any process that opens the file; "
           f"the agent without them (as with libvirtd): about {fmt(own_rss)} MiB")
@@ -235,14 +242,15 @@ async def run(quick: bool, shared: dict[str, Any]) -> Result:
             "adopt in-process s": f"{fmt(Summary.of(adopt_logged).median)} (start {fmt(Summary.of(adopt_start).median)})",
             "adopt process s": fmt(process_adoption),
             "touched": f"{touched} changed, {events} events",
-            "RSS MiB": f"{_mib(agent_rss)} (test driver {fmt(driver_share)}, agent's own ≈ {fmt(own_rss)})",
+            "RSS MiB": f"{_mib(idle_rss)} idle, {_mib(start_rss)} in the first {START_UP:.0f} s "
+                       f"(test driver {fmt(driver_share)}, agent's own ≈ {fmt(own_rss)})",
             "idle CPU %": fmt(usage["agent"].cpu_percent),
         },
         targets=[
             Target("ping p95 (in-process, options.instances)", ping.p95 * 1000, 50, " ms"),
             Target("adoption, fresh driver (median start)", Summary.of(adopt_start).median, 2, " s"),
             Target("adoption in a process (log)", process_adoption, 2, " s"),
-            Target("RSS max while idle", Summary.of(agent_rss).max / (1 << 20), 120, " MiB"),
+            Target("RSS max while idle", Summary.of(idle_rss).max / (1 << 20), 120, " MiB"),
             Target("RSS without the test driver's domains", own_rss, 120, " MiB"),
             Target("idle CPU", usage["agent"].cpu_percent, 2, " %"),
         ],

@@ -17,6 +17,12 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"[A-Z][A-Z0-9_]*\Z")
+#: State changes the manager must hear: a dropped READY=1 fails a Type=notify unit's start. The
+#: manager's queue holds only net.unix.max_dgram_qlen (10) datagrams, and our socket never blocks,
+#: so one sent while it is full is sent again from the loop instead of dropped.
+_MUST_ARRIVE = frozenset({"READY", "STOPPING", "RELOADING"})
+RESEND_EVERY = 0.05
+RESEND_FOR = 30.0
 
 
 class Notifier:
@@ -61,16 +67,53 @@ class Notifier:
                 log.warning("invalid sd_notify field name %r dropped", key)
                 continue
             lines.append(f"{key}={_one_line(str(value))}")
+        payload = "\n".join(lines).encode()
         try:
-            self._sock.sendto("\n".join(lines).encode(), self._address)
+            self._sock.sendto(payload, self._address)
+        except BlockingIOError as exc:  # the manager's queue is full
+            if not (_MUST_ARRIVE.intersection(fields) and self._resend_later(payload)):
+                self._failed(exc)
         except OSError as exc:
-            if not self._failing:  # once per outage: a watchdog ping every few seconds adds up
-                log.warning("sd_notify to %r failed: %s", self._address, exc)
-            self._failing = True
+            self._failed(exc)
         else:
-            if self._failing:
-                log.info("sd_notify works again")
-            self._failing = False
+            self._sent()
+
+    def _failed(self, exc: OSError) -> None:
+        if not self._failing:  # once per outage: a watchdog ping every few seconds adds up
+            log.warning("sd_notify to %r failed: %s", self._address, exc)
+        self._failing = True
+
+    def _sent(self) -> None:
+        if self._failing:
+            log.info("sd_notify works again")
+        self._failing = False
+
+    def _resend_later(self, payload: bytes) -> bool:
+        """Send `payload` again every RESEND_EVERY s for up to RESEND_FOR s, from the running
+        loop; False without one."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        deadline = loop.time() + RESEND_FOR
+
+        def again() -> None:
+            if self._sock is None or self._address is None:
+                return
+            try:
+                self._sock.sendto(payload, self._address)
+            except BlockingIOError as exc:
+                if loop.time() < deadline:
+                    loop.call_later(RESEND_EVERY, again)
+                else:
+                    self._failed(exc)
+            except OSError as exc:
+                self._failed(exc)
+            else:
+                self._sent()
+
+        loop.call_later(RESEND_EVERY, again)
+        return True
 
     def ready(self, status: str | None = None) -> None:
         if status is None:

@@ -193,6 +193,32 @@ def test_a_vanished_or_full_manager_never_raises_nor_blocks(
     assert len(failures) == 1  # logged once per outage, not once per datagram
 
 
+async def test_ready_sent_while_the_managers_queue_is_full_still_arrives(path_socket: tuple[str, Manager]) -> None:
+    """The queue holds 10 datagrams (net.unix.max_dgram_qlen): watchdog pings sent while the
+    manager was slow to read must not cost the READY=1 that a Type=notify start waits for."""
+    address, manager = path_socket
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+    manager._stop.set()  # stop reading: the receive queue fills up
+    manager._thread.join()
+    for _ in range(50):
+        notifier.watchdog()
+    notifier.ready("subscribed")
+    notifier.stopping()
+    await asyncio.sleep(0.3)  # still full: kept and sent again
+    manager.sock.settimeout(0.5)
+    received = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any("STOPPING=1" in m for m in received):
+        try:
+            received.append(manager.sock.recv(65536).decode())
+        except TimeoutError:
+            pass
+        await asyncio.sleep(0)  # the resend runs on this loop
+    states = [m for m in received if "WATCHDOG" not in m]
+    assert states == ["READY=1\nSTATUS=subscribed", "STOPPING=1"]
+    notifier.close()
+
+
 # --- the unit file ---------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from agent.health.wiring import HealthSupervisor
 from agent.heap import HeapTrimmer
 from agent.metrics import AgentMetrics, MetricsServer, Scraper
 from agent.protocol.client import ControllerClient, basic_auth
+from agent.protocol.container_events import ContainerEventSender
 from agent.restarts.notices import RestartNotices
 from agent.restarts.runner import RestartRunner
 from agent.streams.actions import BaseUrl, StreamActions, default_stream_url
@@ -146,6 +147,7 @@ class Agent:
                                      self._publish, concurrency=config.concurrency, on_outcome=self.own_metrics.event_handled)
         self.client = ControllerClient(config.url, config.access_key, config.secret_key,
                                        event_names=self.dispatcher.event_names)
+        self.container_events = ContainerEventSender(self.client.post_container_event, log)
         self.metrics = MetricsServer(config.metrics_listen, Scraper(
             self.driver.domain_stats, events=self.own_metrics, health_of=self.health.health_of,
             controller=self.client, streams=self.streams,
@@ -153,7 +155,6 @@ class Agent:
         ) if config.metrics_listen else None
         self.notifier = Notifier.from_environ()
         self.heap = HeapTrimmer()
-        self._background: set[asyncio.Task[Any]] = set()
         self._subscribed_once = False
 
     def stream_url(self) -> str | None:
@@ -217,15 +218,7 @@ class Agent:
         self._send_container_event(body)
 
     def _send_container_event(self, body: dict[str, Any]) -> None:
-        task = asyncio.ensure_future(self._post_container_event(body))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _post_container_event(self, body: dict[str, Any]) -> None:
-        try:
-            await self.client.post_container_event(body)
-        except Exception as exc:  # the next ping carries the state anyway
-            log.warning("could not report host event", extra={"error": str(exc), **body})
+        self.container_events.send(body)
 
     def _on_libvirt(self, up: bool) -> None:
         if up:  # an adoption has just read every domain: give its garbage back
@@ -276,6 +269,7 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.restarts.close()  # a restart still waiting stays pending in its record
+            await self.container_events.close()
             await self.client.aclose()
             await self.driver.close()
         finally:

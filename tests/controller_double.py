@@ -6,7 +6,7 @@ root, with Basic auth, as `herdsman check` asks it), `GET /v1/subscribe`
 `POST /v1/publish` (only `reply.*` names, like Cattle's PublishManager for agent accounts) and
 `POST /v1/containerevents` and `POST /v1/serviceevents` (health reports: `service_event_answers`
 makes it refuse the next ones with those statuses, as Cattle does while it creates its checker
-rows). Tests drive it with `request()` and read what the agent sent back.
+rows; `container_event_answers` does the same for container events). Tests drive it with `request()` and read what the agent sent back.
 
 `python -m tests.controller_double [--port N]` runs one in its own process (prints
 `READY <url>`), for tests that need a peer which can be frozen with SIGSTOP.
@@ -58,7 +58,9 @@ class ControllerDouble:
         self.host = "127.0.0.1"
         self.subscriptions: list[list[str]] = []
         self.replies: list[dict[str, Any]] = []
-        self.container_events: list[dict[str, Any]] = []
+        self.container_events: list[dict[str, Any]] = []  # accepted ones
+        self.container_event_answers: list[int] = []  # statuses for the next ones, then 201
+        self.container_event_attempts: list[dict[str, Any]] = []  # every one received
         self.service_events: list[dict[str, Any]] = []  # accepted health reports
         self.service_event_attempts: list[tuple[float, int, dict[str, Any]]] = []  # (monotonic, status, body)
         self.service_event_answers: list[int] = []  # statuses for the next reports, then 201
@@ -332,6 +334,10 @@ class ControllerDouble:
         body = await self._json_body(request)
         if isinstance(body, web.Response):
             return body
+        self.container_event_attempts.append(body)
+        if self.container_event_answers:
+            status = self.container_event_answers.pop(0)
+            return _error(status, "ServiceUnavailable", f"answered {status} by the test")
         self.container_events.append(body)
         await self._notify()
         return web.json_response({"type": "containerEvent", **body}, status=201)

@@ -1,12 +1,13 @@
 """Hand freed heap memory back to the host, so the agent's RSS follows what it holds.
 
 Adopting 1,000 domains, or answering a burst of events, parses many XML documents on the
-libvirt worker threads. The memory is freed afterwards, but glibc keeps it inside its arenas
-(one per thread, fragmented): an agent that holds ~120 MiB was measured at ~215 MiB for as long as
-it ran (`python -m bench scale`). glibc's `malloc_trim(0)` releases the free pages of every arena;
-it takes ~13 ms the first time and ~1 ms after that, so the agent calls it on a worker thread
-after each adoption of libvirt's domains and then every 15 s (0.01 % of a core). On a C library without `malloc_trim` (musl),
-nothing is done.
+libvirt worker threads (and libvirt's test driver, in-process, parses its whole node file). The
+memory is freed afterwards, but glibc keeps it inside its arenas (one per thread, fragmented):
+an agent that holds ~130 MiB was measured at ~215 MiB for as long as it ran (`python -m bench
+scale`). glibc's `malloc_trim(0)` releases the free pages of every arena; it takes ~13 ms the
+first time and ~1 ms after that, so the agent calls it on a worker thread 5 s after each
+adoption of libvirt's domains and every 15 s (under 0.01 % of a core). On a C library without
+`malloc_trim` (musl), nothing is done.
 """
 
 from __future__ import annotations

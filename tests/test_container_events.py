@@ -73,3 +73,5 @@ async def test_close_drops_what_is_not_posted_yet(sending: tuple[ControllerDoubl
     await asyncio.sleep(0.1)
     await asyncio.wait_for(sender.close(), 2)  # the fixture's close finds nothing left
     assert ctl.container_events == []
+    # the die may have been retried meanwhile; the start, waiting behind it, never went out
+    assert {e["externalStatus"] for e in ctl.container_event_attempts} == {"die"}

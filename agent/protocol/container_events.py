@@ -9,7 +9,6 @@ wait for each other: a controller that is away costs each VM its own retries, no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,9 +37,8 @@ class ContainerEventSender:
             del self._last[key]
 
     async def _post_after(self, previous: asyncio.Task[None] | None, body: dict[str, Any]) -> None:
-        if previous is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(previous)
+        if previous is not None:  # however it ended; a cancel of this post still cancels it
+            await asyncio.wait([previous])
         try:
             await self._post(body)
         except Exception as exc:  # noqa: BLE001 - the next ping carries the state anyway

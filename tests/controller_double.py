@@ -218,6 +218,14 @@ class ControllerDouble:
                                f"({len(self.subscriptions)} so far, "
                                f"{len(self.auth_failures)} refused for bad credentials)") from None
 
+    async def wait_peer(self, address: str, timeout: float = 60.0) -> None:
+        """Wait until an agent connected from `address` is subscribed (again, after a cut link or
+        a restart: its reconnect backoff is jittered up to 30 s)."""
+        try:
+            await self._wait_for(lambda: any(sub.peer == address for sub in self._subscribers) or None, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no agent from {address} subscribed within {timeout}s") from None
+
     async def wait_container_event(self, predicate: Callable[[dict[str, Any]], bool],
                                    timeout: float = 10.0) -> dict[str, Any]:
         try:

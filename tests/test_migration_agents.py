@@ -117,6 +117,7 @@ class Agents:
         return await self.ctl.wait_reply(event, timeout)
 
     async def ping(self, role: str) -> dict[str, dict[str, Any]]:
+        await self.ctl.wait_peer(self.host(role).address)  # after a cut link it may be reconnecting
         reply = await self.ctl.request("ping", {"options": {"instances": True}, "resources": []},
                                        resource_type="agent", resource_id="2", to=self.host(role).address)
         return ping_instances(reply)
